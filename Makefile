@@ -1,0 +1,60 @@
+# Two commands on a fresh machine: `make demo` (the main job) and `make test` (the suite).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+export FLWR_TELEMETRY_ENABLED := 0
+export FLWR_DISABLE_UPDATE_CHECK := 1
+export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
+export FLWR_HOME := $(CURDIR)/.flwr
+export RAY_USAGE_STATS_ENABLED := 0
+
+# PTB-XL: $PTBXL_DIR, else data/ptb-xl (fetched by `make demo` when missing and online).
+PTBXL_DIR ?= $(CURDIR)/data/ptb-xl
+export PTBXL_DIR
+DEMO_RECORDS ?= 3000
+DEMO_RUN ?= runs/quickstart
+DEMO_BUNDLE ?= runs/quickstart-bundle
+
+.PHONY: setup demo test bench clean
+
+setup: $(STAMP)
+
+# torch first and pinned: an unpinned resolution would pull a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[dev]'
+	touch $(STAMP)
+
+data-check: setup
+	@if [ ! -f "$(PTBXL_DIR)/ptbxl_database.csv" ]; then \
+	  echo "PTB-XL not found at PTBXL_DIR=$(PTBXL_DIR); fetching $(DEMO_RECORDS) records from PhysioNet ..."; \
+	  $(VENV)/bin/fedecg data fetch --out "$(PTBXL_DIR)" --records $(DEMO_RECORDS) || { \
+	    echo "Could not download PTB-XL. Set PTBXL_DIR to an existing copy, e.g. PTBXL_DIR=../shared/ptb-xl make demo"; exit 2; }; \
+	fi
+
+demo: setup data-check
+	$(VENV)/bin/fedecg data verify "$(PTBXL_DIR)"
+	rm -rf "$(DEMO_RUN)" "$(DEMO_BUNDLE)"
+	$(VENV)/bin/fedecg simulate --config configs/quickstart.yaml --out "$(DEMO_RUN)"
+	$(VENV)/bin/fedecg export --run "$(DEMO_RUN)" --out "$(DEMO_BUNDLE)"
+	$(VENV)/bin/fedecg privacy verify "$(DEMO_BUNDLE)"
+	$(VENV)/bin/fedecg sample --bundle "$(DEMO_BUNDLE)" --n 4 --labels NORM --age 67 --sex female --out "$(DEMO_RUN)/samples"
+	@echo ""
+	@echo "bundle:        $(DEMO_BUNDLE)"
+	@echo "round PNGs:    $(DEMO_RUN)/samples_round*.png, $(DEMO_RUN)/rounds.png"
+	@echo "samples:       $(DEMO_RUN)/samples/samples.png (WFDB records in $(DEMO_RUN)/samples/records100)"
+	@echo "epsilon table: $(DEMO_RUN)/epsilon_table.txt"
+	@cat "$(DEMO_RUN)/epsilon_table.txt"
+
+test: setup
+	$(PY) -m pytest -q
+
+bench: setup
+	$(PY) -m simulations.benchmarks.bench_model --size small --batch 32
+
+clean:
+	rm -rf $(VENV) .pytest_cache .cache .flwr runs

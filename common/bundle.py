@@ -1,0 +1,184 @@
+"""Checkpoints and the release bundle: safetensors weights plus JSON/YAML, never pickles.
+
+A checkpoint directory holds `model.safetensors` (the weights to sample from) and `checkpoint.json`
+(resolved config, its hash, normalization statistics, progress). A bundle is a self-contained release:
+
+    model.safetensors  config.yaml  normalization.json  privacy.json  [evaluation.json]
+    MODEL_CARD.md  manifest.json (SHA256 of every other file)
+
+`load_generator` accepts a bundle, a checkpoint or a run directory, and refuses a bundle whose files do
+not match its manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from common.config import Config, config_hash, from_dict, to_dict
+from common.data.ptbxl import Normalizer
+from common.diffusion import GaussianDiffusion
+from common.model.denoiser import build_denoiser
+
+BUNDLE_FORMAT = "fedecg-bundle/1"
+CHECKPOINT_FORMAT = "fedecg-checkpoint/1"
+WEIGHTS = "model.safetensors"
+
+
+class BundleError(ValueError):
+    """A bundle or checkpoint that is incomplete, tampered with or of an unknown format."""
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def save_weights(path: str | Path, state: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path), device="cpu")
+
+
+def save_checkpoint(
+    directory: str | Path,
+    state: dict[str, torch.Tensor],
+    cfg: Config,
+    normalizer: Normalizer,
+    progress: dict[str, Any],
+) -> Path:
+    """Write weights and their metadata atomically enough: weights first, JSON (the marker) last."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_weights(directory / WEIGHTS, state)
+    meta = {
+        "format": CHECKPOINT_FORMAT,
+        "config": to_dict(cfg),
+        "config_sha256": config_hash(cfg),
+        "normalization": normalizer.to_dict(),
+        "progress": progress,
+        "weights_sha256": sha256_file(directory / WEIGHTS),
+    }
+    (directory / "checkpoint.json").write_text(json.dumps(meta, indent=2))
+    return directory
+
+
+def read_checkpoint(directory: str | Path) -> tuple[dict[str, torch.Tensor], Config, Normalizer, dict[str, Any]]:
+    directory = Path(directory)
+    meta_path = directory / "checkpoint.json"
+    if not meta_path.is_file():
+        raise BundleError(f"{directory}: no checkpoint.json (not a fedecg checkpoint)")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise BundleError(f"{meta_path}: unknown format {meta.get('format')!r}")
+    if sha256_file(directory / WEIGHTS) != meta["weights_sha256"]:
+        raise BundleError(f"{directory / WEIGHTS}: checksum does not match checkpoint.json")
+    cfg = from_dict(meta["config"], source=str(meta_path))
+    return load_weights(directory / WEIGHTS), cfg, Normalizer.from_dict(meta["normalization"]), meta["progress"]
+
+
+@dataclass
+class Generator:
+    """Everything needed to sample: config, denoiser (eval mode), schedule and normalization."""
+
+    cfg: Config
+    model: nn.Module
+    diffusion: GaussianDiffusion
+    normalizer: Normalizer
+    source: Path
+
+
+def build_generator(cfg: Config, state: dict[str, torch.Tensor], normalizer: Normalizer, source: Path) -> Generator:
+    model = build_denoiser(cfg.model)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise BundleError(f"{source}: weights do not fit the configured model (missing {missing}, unexpected {unexpected})")
+    model.eval()
+    return Generator(cfg=cfg, model=model, diffusion=GaussianDiffusion(cfg.diffusion), normalizer=normalizer, source=source)
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    pointer = Path(run_dir) / "checkpoints" / "latest"
+    if pointer.is_file():
+        target = Path(run_dir) / "checkpoints" / pointer.read_text().strip()
+        if (target / "checkpoint.json").is_file():
+            return target
+    return None
+
+
+def load_generator(path: str | Path) -> Generator:
+    """Load from a bundle (checksums verified), a checkpoint directory, or a run directory (its latest checkpoint)."""
+    path = Path(path)
+    if not path.exists():
+        raise BundleError(f"{path}: does not exist")
+    if (path / "manifest.json").is_file():
+        problems = verify_bundle(path)
+        if problems:
+            raise BundleError(f"{path}: bundle failed verification: " + "; ".join(problems))
+        cfg = from_dict(yaml.safe_load((path / "config.yaml").read_text()), source=str(path / "config.yaml"))
+        normalizer = Normalizer.from_dict(json.loads((path / "normalization.json").read_text()))
+        return build_generator(cfg, load_weights(path / WEIGHTS), normalizer, path)
+    if not (path / "checkpoint.json").is_file():
+        latest = latest_checkpoint(path)
+        if latest is None:
+            raise BundleError(f"{path}: not a bundle, checkpoint or run directory with checkpoints")
+        path = latest
+    state, cfg, normalizer, _ = read_checkpoint(path)
+    return build_generator(cfg, state, normalizer, path)
+
+
+def verify_bundle(path: str | Path) -> list[str]:
+    """Check every file against manifest.json; return the problems found (empty: intact)."""
+    path = Path(path)
+    manifest_path = path / "manifest.json"
+    if not manifest_path.is_file():
+        return [f"{path}: no manifest.json"]
+    manifest = json.loads(manifest_path.read_text())
+    if manifest.get("format") != BUNDLE_FORMAT:
+        return [f"unknown bundle format {manifest.get('format')!r}"]
+    problems = []
+    for name, expected in manifest["files"].items():
+        file = path / name
+        if not file.is_file():
+            problems.append(f"{name}: missing")
+        elif sha256_file(file) != expected:
+            problems.append(f"{name}: SHA256 mismatch (corrupted or modified)")
+    for required in (WEIGHTS, "config.yaml", "normalization.json", "MODEL_CARD.md"):
+        if required not in manifest["files"]:
+            problems.append(f"{required}: not listed in the manifest")
+    return problems
+
+
+def write_bundle(out: str | Path, files: dict[str, bytes | Path]) -> Path:
+    """Write the given files (bytes or paths to copy) and a manifest of their SHA256 sums."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise BundleError(f"{out}: exists and is not empty; choose a new bundle directory")
+    out.mkdir(parents=True, exist_ok=True)
+    for name, content in files.items():
+        target = out / name
+        if isinstance(content, Path):
+            shutil.copyfile(content, target)
+        else:
+            target.write_bytes(content)
+    manifest = {
+        "format": BUNDLE_FORMAT,
+        "files": {name: sha256_file(out / name) for name in sorted(files)},
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return out

@@ -1,0 +1,397 @@
+"""Gaussian diffusion for eps-prediction models: schedule, q_sample, per-sample losses, DDPM/DDIM sampling.
+
+A plain class (not an nn.Module), as in openai/improved-diffusion: the model is passed in, so Opacus can
+wrap the denoiser alone. The model is any callable
+
+    model(x_t [B, C, L], t [B] int64, labels [B, 71], demographics [B, 8], cond_keep [B] or None) -> eps_hat
+
+Training (`training_losses`) returns per-example losses [B] (eps MSE + mel_weight * MIDT mel loss), because
+DP-SGD clips per example and ghost clipping needs the [B] vector. With noise multiplicity K each example's
+loss averages K (noise, timestep) draws (DPDM). The batch is repeated example-major inside
+(rows i*K .. i*K+K-1 belong to example i), so under Opacus' hook modes the model sees B*K rows and produces
+B*K per-row gradients: call `merge_noise_draws(model, K)` after backward and before the optimizer step so
+that clipping sees one gradient per example (ghost clipping cannot merge per-row norms and needs K = 1).
+
+MIDT mel target (midt.target):
+  * "posterior_mean": mel loss between mu_theta = posterior mean of q(x_{t-1} | x_t, x0_hat) and
+    mu = posterior mean of q(x_{t-1} | x_t, x0) with the true x0; the choice reported for the public MIDT code.
+    Both means share the coef2 * x_t term, and the error is scaled by coef1, which keeps the term bounded
+    at large t where x0_hat itself blows up (x0_hat error = sqrt(1/abar - 1) * eps error).
+  * "x0": mel loss between x0_hat and x0 directly.
+
+Sampling: ancestral DDPM over all T steps (posterior variance beta_tilde) or DDIM over an evenly spaced
+subsequence with eta in [0, 1]; DDIM with eta=1 over all T steps is exactly DDPM. Classifier-free guidance:
+eps = eps_u + s (eps_c - eps_u); s = 1 is the plain conditional model (no unconditional pass).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Protocol
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from common.config import DiffusionConfig
+
+__all__ = ["EpsModel", "GaussianDiffusion", "beta_schedule", "merge_noise_draws"]
+
+MEL_TARGETS = ("posterior_mean", "x0")
+SAMPLERS = ("ddim", "ddpm")
+
+
+class EpsModel(Protocol):
+    def __call__(
+        self, x: Tensor, t: Tensor, labels: Tensor, demographics: Tensor, cond_keep: Tensor | None = None
+    ) -> Tensor: ...
+
+
+def beta_schedule(name: str, timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> np.ndarray:
+    """Betas (float64 [T]): 'linear' from beta_start to beta_end, or 'cosine' (Nichol & Dhariwal 2021)."""
+    if timesteps < 1:
+        raise ValueError(f"diffusion.timesteps must be >= 1, got {timesteps}")
+    if name == "linear":
+        if not 0.0 < beta_start <= beta_end < 1.0:
+            raise ValueError(
+                f"diffusion: the linear schedule needs 0 < beta_start <= beta_end < 1, got {beta_start}, {beta_end}"
+            )
+        return np.linspace(beta_start, beta_end, timesteps, dtype=np.float64)
+    if name == "cosine":
+        s = 0.008
+
+        def alpha_bar(u: float) -> float:
+            return math.cos((u + s) / (1 + s) * math.pi / 2) ** 2
+
+        return np.array(
+            [min(1 - alpha_bar((i + 1) / timesteps) / alpha_bar(i / timesteps), 0.999) for i in range(timesteps)],
+            dtype=np.float64,
+        )
+    raise ValueError(f"diffusion.schedule: unknown schedule {name!r} (known: linear, cosine)")
+
+
+def _draw(kind: str, shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device, **kw) -> Tensor:
+    """Random draws on `device` from `generator`, wherever the generator lives."""
+    source = device if generator is None else generator.device
+    if kind == "randn":
+        out = torch.randn(shape, generator=generator, device=source, dtype=kw.get("dtype"))
+    elif kind == "rand":
+        out = torch.rand(shape, generator=generator, device=source, dtype=kw.get("dtype"))
+    else:
+        out = torch.randint(kw["high"], shape, generator=generator, device=source)
+    return out.to(device)
+
+
+def merge_noise_draws(model: nn.Module, multiplicity: int) -> None:
+    """Average Opacus per-row gradients over each example's K noise draws: grad_sample [B*K, ...] -> [B, ...].
+
+    Call after `backward()` and before `optimizer.step()` when training_losses ran with noise_multiplicity K
+    under Opacus' hooks modes. The loss is mean_i mean_k l_ik, so Opacus' rows are grad l_ik and the
+    per-example gradient of mean_k l_ik is their mean over k. No-op for K = 1.
+    """
+    if multiplicity < 1:
+        raise ValueError(f"merge_noise_draws: multiplicity must be >= 1, got {multiplicity}")
+    if multiplicity == 1:
+        return
+    for name, param in model.named_parameters():
+        grad_sample = getattr(param, "grad_sample", None)
+        if grad_sample is None:
+            continue
+        if isinstance(grad_sample, list):
+            raise RuntimeError(
+                f"merge_noise_draws: {name} holds per-sample gradients of several backward passes; "
+                "merge the draws after every backward pass"
+            )
+        rows = grad_sample.shape[0]
+        if rows % multiplicity:
+            raise ValueError(
+                f"merge_noise_draws: {name} has {rows} per-sample gradient rows, not a multiple of K={multiplicity}"
+            )
+        param.grad_sample = grad_sample.reshape(rows // multiplicity, multiplicity, *grad_sample.shape[1:]).mean(1)
+
+
+class GaussianDiffusion:
+    """The forward process q(x_t | x0) and the reverse-time samplers for an eps-prediction model."""
+
+    def __init__(self, cfg: DiffusionConfig) -> None:
+        self.cfg = cfg
+        betas = beta_schedule(cfg.schedule, cfg.timesteps, cfg.beta_start, cfg.beta_end)
+        self.num_timesteps = int(betas.shape[0])
+        alphas = 1.0 - betas
+        alphas_cumprod = np.cumprod(alphas)
+        alphas_cumprod_prev = np.append(1.0, alphas_cumprod[:-1])
+        posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
+        table = {
+            "betas": betas,
+            "alphas_cumprod": alphas_cumprod,
+            "alphas_cumprod_prev": alphas_cumprod_prev,
+            "sqrt_alphas_cumprod": np.sqrt(alphas_cumprod),
+            "sqrt_one_minus_alphas_cumprod": np.sqrt(1.0 - alphas_cumprod),
+            "sqrt_recip_alphas_cumprod": np.sqrt(1.0 / alphas_cumprod),
+            "sqrt_recipm1_alphas_cumprod": np.sqrt(1.0 / alphas_cumprod - 1.0),
+            "posterior_variance": posterior_variance,
+            "posterior_mean_coef1": betas * np.sqrt(alphas_cumprod_prev) / (1.0 - alphas_cumprod),
+            "posterior_mean_coef2": (1.0 - alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - alphas_cumprod),
+        }
+        self._tables = {name: torch.from_numpy(values) for name, values in table.items()}  # float64 [T]
+        self._on_device: dict[tuple[str, torch.device], Tensor] = {}
+
+    # -- schedule lookups --------------------------------------------------------------------------------
+
+    def table(self, name: str) -> Tensor:
+        """A float64 [T] schedule table (e.g. 'alphas_cumprod', 'posterior_variance')."""
+        return self._tables[name]
+
+    def _extract(self, name: str, t: Tensor, like: Tensor) -> Tensor:
+        """table[t] as [B, 1, 1] in like's dtype and device."""
+        key = (name, t.device)
+        if key not in self._on_device:
+            self._on_device[key] = self._tables[name].to(t.device)
+        values = self._on_device[key][t]  # (B)
+        return values.to(like.dtype).reshape(-1, *([1] * (like.dim() - 1)))
+
+    def _check_t(self, t: Tensor, batch: int) -> None:
+        if t.shape != (batch,):
+            raise ValueError(f"diffusion: t must be [B]=[{batch}], got {tuple(t.shape)}")
+        if t.is_floating_point():
+            raise ValueError(f"diffusion: t must hold integer steps, got dtype {t.dtype}")
+        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= self.num_timesteps):
+            raise ValueError(f"diffusion: t must lie in [0, {self.num_timesteps - 1}], got [{int(t.min())}, {int(t.max())}]")
+
+    # -- forward process and posterior -------------------------------------------------------------------
+
+    def q_sample(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+        """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise."""
+        self._check_t(t, x0.shape[0])
+        if noise.shape != x0.shape:
+            raise ValueError(f"q_sample: noise {tuple(noise.shape)} must match x0 {tuple(x0.shape)}")
+        return self._extract("sqrt_alphas_cumprod", t, x0) * x0 + self._extract("sqrt_one_minus_alphas_cumprod", t, x0) * noise
+
+    def predict_x0(self, x_t: Tensor, t: Tensor, eps: Tensor) -> Tensor:
+        """x0_hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)."""
+        return self._extract("sqrt_recip_alphas_cumprod", t, x_t) * x_t - self._extract("sqrt_recipm1_alphas_cumprod", t, x_t) * eps
+
+    def posterior_mean(self, x0: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+        """Mean of q(x_{t-1} | x_t, x0)."""
+        return self._extract("posterior_mean_coef1", t, x_t) * x0 + self._extract("posterior_mean_coef2", t, x_t) * x_t
+
+    def posterior_variance(self, t: Tensor, like: Tensor) -> Tensor:
+        """Variance of q(x_{t-1} | x_t, x0) (beta_tilde_t), as [B, 1, 1]."""
+        return self._extract("posterior_variance", t, like)
+
+    # -- training ----------------------------------------------------------------------------------------
+
+    def training_losses(
+        self,
+        model: EpsModel,
+        x0: Tensor,
+        labels: Tensor,
+        demographics: Tensor,
+        mel_loss: Callable[[Tensor, Tensor], Tensor] | None = None,
+        mel_weight: float = 0.0,
+        mel_target: str = "posterior_mean",
+        cond_dropout: float = 0.0,
+        noise_multiplicity: int = 1,
+        generator: torch.Generator | None = None,
+        *,
+        t: Tensor | None = None,
+        noise: Tensor | None = None,
+        cond_keep: Tensor | None = None,
+    ) -> dict[str, Tensor]:
+        """Per-example losses {loss, eps, mel}, each [B]; loss = eps + mel_weight * mel.
+
+        t ([B, K] or [B] when K = 1), noise ([B, K, C, L] or [B, C, L]) and cond_keep (same layout as t)
+        override the random draws, for tests and exact replays. Timesteps are uniform on [0, T).
+        """
+        if x0.dim() != 3:
+            raise ValueError(f"training_losses: x0 must be [B, C, L], got {tuple(x0.shape)}")
+        batch = x0.shape[0]
+        k = noise_multiplicity
+        if not isinstance(k, int) or k < 1:
+            raise ValueError(f"training_losses: noise_multiplicity must be an integer >= 1, got {k!r}")
+        if not 0.0 <= cond_dropout <= 1.0:
+            raise ValueError(f"training_losses: cond_dropout must lie in [0, 1], got {cond_dropout}")
+        if mel_target not in MEL_TARGETS:
+            raise ValueError(f"training_losses: mel_target must be one of {MEL_TARGETS}, got {mel_target!r}")
+        if mel_weight < 0:
+            raise ValueError(f"training_losses: mel_weight must be >= 0, got {mel_weight}")
+        if mel_weight > 0 and mel_loss is None:
+            raise ValueError("training_losses: mel_weight > 0 needs a mel_loss")
+        if labels.shape[0] != batch or demographics.shape[0] != batch:
+            raise ValueError(
+                f"training_losses: labels {tuple(labels.shape)} and demographics {tuple(demographics.shape)} "
+                f"must have the batch size {batch} of x0"
+            )
+        rows = batch * k
+        device = x0.device
+
+        def rows_of(value: Tensor | None, name: str, per_row: tuple[int, ...]) -> Tensor | None:
+            if value is None:
+                return None
+            allowed = [(batch, k, *per_row)] + ([(batch, *per_row)] if k == 1 else [])
+            if tuple(value.shape) not in allowed:
+                raise ValueError(f"training_losses: {name} must have shape {' or '.join(map(str, allowed))}, got {tuple(value.shape)}")
+            return value.reshape(rows, *per_row).to(device)
+
+        t = rows_of(t, "t", ())
+        noise = rows_of(noise, "noise", tuple(x0.shape[1:]))
+        cond_keep = rows_of(cond_keep, "cond_keep", ())
+
+        if k > 1:  # example-major: rows i*K .. i*K+K-1 are example i
+            x0 = x0.repeat_interleave(k, dim=0)
+            labels = labels.repeat_interleave(k, dim=0)
+            demographics = demographics.repeat_interleave(k, dim=0)
+        if t is None:
+            t = _draw("randint", (rows,), generator, device, high=self.num_timesteps)
+        if noise is None:
+            noise = _draw("randn", tuple(x0.shape), generator, device, dtype=x0.dtype)
+        if cond_keep is None and cond_dropout > 0:
+            cond_keep = (_draw("rand", (rows,), generator, device) >= cond_dropout).to(x0.dtype)
+
+        x_t = self.q_sample(x0, t, noise)
+        eps_hat = model(x_t, t, labels, demographics, cond_keep)
+        if eps_hat.shape != x0.shape:
+            raise ValueError(f"training_losses: the model returned {tuple(eps_hat.shape)}, expected {tuple(x0.shape)}")
+        eps_term = (eps_hat - noise).pow(2).mean(dim=(1, 2))  # (B*K); promotes a bf16 eps_hat to noise's float32
+
+        if mel_loss is not None:
+            with torch.set_grad_enabled(torch.is_grad_enabled() and mel_weight > 0):
+                x0_hat = self.predict_x0(x_t, t, eps_hat)
+                if mel_target == "posterior_mean":
+                    mel_term = mel_loss(self.posterior_mean(x0_hat, x_t, t), self.posterior_mean(x0, x_t, t))
+                else:
+                    mel_term = mel_loss(x0_hat, x0)
+            mel_term = mel_term.to(eps_term.dtype)  # (B*K)
+        else:
+            mel_term = torch.zeros_like(eps_term)
+        loss = eps_term + mel_weight * mel_term if mel_weight > 0 else eps_term
+
+        def per_example(value: Tensor) -> Tensor:
+            return value.reshape(batch, k).mean(dim=1)  # (B)
+
+        return {"loss": per_example(loss), "eps": per_example(eps_term), "mel": per_example(mel_term)}
+
+    # -- sampling ----------------------------------------------------------------------------------------
+
+    def model_eps(
+        self,
+        model: EpsModel,
+        x: Tensor,
+        t: Tensor,
+        labels: Tensor,
+        demographics: Tensor,
+        guidance_scale: float = 1.0,
+    ) -> Tensor:
+        """eps_u + s (eps_c - eps_u); one conditional pass when s = 1, else one pass on a doubled batch."""
+        if guidance_scale == 1.0:
+            return model(x, t, labels, demographics, None)
+        batch = x.shape[0]
+        keep = torch.cat([torch.ones(batch, device=x.device), torch.zeros(batch, device=x.device)]).to(x.dtype)
+        eps = model(
+            torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, labels]), torch.cat([demographics, demographics]), keep
+        )
+        eps_cond, eps_uncond = eps[:batch], eps[batch:]
+        return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+
+    def ddim_timesteps(self, steps: int) -> list[int]:
+        """`steps` distinct timesteps, evenly spaced over [0, T-1], descending (T-1 first, 0 last)."""
+        if not 1 <= steps <= self.num_timesteps:
+            raise ValueError(f"sample: DDIM steps must lie in [1, {self.num_timesteps}], got {steps}")
+        if steps == 1:
+            return [self.num_timesteps - 1]
+        grid = np.round(np.linspace(0, self.num_timesteps - 1, steps)).astype(np.int64)
+        return [int(v) for v in grid[::-1]]
+
+    @torch.no_grad()
+    def sample(
+        self,
+        model: EpsModel,
+        labels: Tensor,
+        demographics: Tensor,
+        steps: int | None = None,
+        sampler: str | None = None,
+        eta: float | None = None,
+        guidance_scale: float | None = None,
+        generator: torch.Generator | None = None,
+        progress: bool = False,
+        length: int = 1000,
+        channels: int | None = None,
+    ) -> Tensor:
+        """Draw x0 [B, C, length] for the conditioning rows (labels [B, 71], demographics [B, 8]).
+
+        sampler 'ddpm' runs all T ancestral steps; 'ddim' runs `steps` (default diffusion.sample_steps)
+        with stochasticity eta. Unset arguments come from the diffusion config. C defaults to
+        model.in_channels.
+        """
+        sampler = self.cfg.sampler if sampler is None else sampler
+        eta = self.cfg.eta if eta is None else float(eta)
+        guidance_scale = self.cfg.guidance_scale if guidance_scale is None else float(guidance_scale)
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sample: sampler must be one of {SAMPLERS}, got {sampler!r}")
+        if not 0.0 <= eta <= 1.0:
+            raise ValueError(f"sample: eta must lie in [0, 1], got {eta}")
+        if guidance_scale < 0:
+            raise ValueError(f"sample: guidance_scale must be >= 0, got {guidance_scale}")
+        if sampler == "ddpm":
+            if steps is not None and steps != self.num_timesteps:
+                raise ValueError(f"sample: DDPM runs all T={self.num_timesteps} steps, got steps={steps}; use sampler='ddim'")
+            timesteps = list(range(self.num_timesteps - 1, -1, -1))
+        else:
+            timesteps = self.ddim_timesteps(self.cfg.sample_steps if steps is None else steps)
+        if labels.dim() != 2 or demographics.dim() != 2 or labels.shape[0] != demographics.shape[0]:
+            raise ValueError(
+                f"sample: labels [B, 71] and demographics [B, 8] must be 2-D with one row per sample, "
+                f"got {tuple(labels.shape)} and {tuple(demographics.shape)}"
+            )
+        if length < 1:
+            raise ValueError(f"sample: length must be positive, got {length}")
+        if channels is None:
+            channels = getattr(model, "in_channels", None)
+            if channels is None:
+                raise ValueError("sample: pass channels= for a model without an in_channels attribute")
+        batch = labels.shape[0]
+        device = labels.device
+        dtype = next(iter(model.parameters())).dtype if isinstance(model, nn.Module) else torch.float32
+        was_training = isinstance(model, nn.Module) and model.training
+        if isinstance(model, nn.Module):
+            model.eval()
+        try:
+            x = _draw("randn", (batch, channels, length), generator, device, dtype=dtype)
+            for i, step in enumerate(tqdm(timesteps, desc=f"{sampler} sampling", disable=not progress, leave=False)):
+                t = torch.full((batch,), step, device=device, dtype=torch.long)
+                eps = self.model_eps(model, x, t, labels, demographics, guidance_scale)
+                x0_hat = self.predict_x0(x, t, eps)
+                last = i == len(timesteps) - 1
+                if sampler == "ddpm":
+                    x = self.posterior_mean(x0_hat, x, t)
+                    if step > 0:
+                        x = x + self.posterior_variance(t, x).sqrt() * _draw("randn", tuple(x.shape), generator, device, dtype=x.dtype)
+                else:
+                    x = self._ddim_step(x0_hat, eps, step, -1 if last else timesteps[i + 1], eta, generator)
+        finally:
+            if was_training:
+                model.train()
+        return x
+
+    def _ddim_moments(self, x0_hat: Tensor, eps: Tensor, step: int, prev: int, eta: float) -> tuple[Tensor, float]:
+        """Mean and standard deviation of x_prev given x_t (Song et al. 2021, eq. 12); prev = -1 is the final x0."""
+        abar = float(self._tables["alphas_cumprod"][step])
+        abar_prev = 1.0 if prev < 0 else float(self._tables["alphas_cumprod"][prev])
+        sigma = eta * math.sqrt((1.0 - abar_prev) / (1.0 - abar) * (1.0 - abar / abar_prev))
+        mean = math.sqrt(abar_prev) * x0_hat + math.sqrt(max(1.0 - abar_prev - sigma**2, 0.0)) * eps
+        return mean, sigma
+
+    def _ddim_step(
+        self, x0_hat: Tensor, eps: Tensor, step: int, prev: int, eta: float, generator: torch.Generator | None
+    ) -> Tensor:
+        x, sigma = self._ddim_moments(x0_hat, eps, step, prev, eta)
+        if sigma > 0:
+            x = x + sigma * _draw("randn", tuple(x.shape), generator, x.device, dtype=x.dtype)
+        return x
+
+    def ddim_step_moments(self, x_t: Tensor, step: int, prev: int, eps: Tensor, eta: float) -> tuple[Tensor, float]:
+        """Mean and variance of one DDIM step from x_t at `step` to `prev`, given the model's eps."""
+        t = torch.full((x_t.shape[0],), step, device=x_t.device, dtype=torch.long)
+        mean, sigma = self._ddim_moments(self.predict_x0(x_t, t, eps), eps, step, prev, eta)
+        return mean, sigma**2

@@ -1,0 +1,392 @@
+"""Clinical coherence: interval measurements, lead-system consistency and demographic faithfulness.
+
+A small ECG delineator for lead II at 100 Hz (no external ECG toolbox), in the Pan-Tompkins tradition:
+
+1. R peaks. Band-pass 5-20 Hz (zero-phase Butterworth), derivative, square, 150 ms moving-window
+   integration. Candidate peaks of the integrated energy at least `REFRACTORY_S` apart are accepted by an
+   adaptive threshold NPK + 0.25 (SPK - NPK) with running signal/noise peak levels (SPK, NPK); a gap longer
+   than 1.66 mean RR triggers a search-back at half the threshold. Each accepted energy peak is placed on
+   the extreme of the 0.5-40 Hz signal within +-80 ms (the polarity that dominates the record).
+2. QRS onset/offset. Slope |dx/dt| of the 0.5-40 Hz signal; the steepest slopes before/after R within
+   100 ms; walking outwards, the first sample whose slope falls below 15 % of the steeper of the two.
+3. P onset. In 0.5-15 Hz signal, the P peak is the largest deviation from the PR level (the value at QRS
+   onset) 40-250 ms before QRS onset; a P wave needs |amplitude| >= 0.03 mV, else PR is undefined (e.g.
+   atrial fibrillation). P onset: walking back from the P peak (<= 120 ms), the first sample whose deviation
+   is below 20 % of the P amplitude.
+4. T end. T peak: the largest deviation from the PR level 80-450 ms after QRS offset (bounded by the next
+   QRS onset); T end by the tangent method: the tangent at the steepest point of the descending limb
+   (within 200 ms of the peak) crosses the PR level.
+
+Resolution is one sample (10 ms). Per record: heart rate from the median RR, SDNN and RMSSD of RR (ms),
+median QRS duration, PR and QT intervals (ms) and Bazett's QTc. A beat is plausible when its preceding RR
+lies in 0.3-2.0 s, QRS in 40-200 ms, QT in 200-600 ms and, where a P wave was found, PR in 80-400 ms;
+beats missing RR, QRS or QT are implausible.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+from scipy import signal, stats
+
+if TYPE_CHECKING:
+    from .classifier import ClassifierConfig, ResNet1d
+
+FS = 100
+LEAD_II = 1  # index of lead II in common.data.ptbxl.LEADS order
+REFRACTORY_S = 0.2
+FEATURES = ("heart_rate_bpm", "sdnn_ms", "rmssd_ms", "qrs_ms", "pr_ms", "qt_ms", "qtc_ms")
+PLAUSIBLE = {
+    "rr_s": (0.3, 2.0),
+    "qrs_ms": (40.0, 200.0),
+    "qt_ms": (200.0, 600.0),
+    "pr_ms": (80.0, 400.0),
+}
+
+
+def _sos(low: float | None, high: float | None, fs: int, order: int = 2) -> np.ndarray:
+    nyq = fs / 2
+    if low is None:
+        return signal.butter(order, high / nyq, btype="lowpass", output="sos")
+    if high is None or high >= nyq:
+        return signal.butter(order, low / nyq, btype="highpass", output="sos")
+    return signal.butter(order, [low / nyq, high / nyq], btype="bandpass", output="sos")
+
+
+def _filt(x: np.ndarray, low: float | None, high: float | None, fs: int) -> np.ndarray:
+    return signal.sosfiltfilt(_sos(low, high, fs), x, axis=-1)
+
+
+def detect_r_peaks(lead: np.ndarray, fs: int = FS) -> np.ndarray:
+    """Sample indices of R peaks in one lead (1-D, mV). Empty for flat or too-short signals."""
+    x = np.asarray(lead, dtype=np.float64)
+    if x.ndim != 1:
+        raise ValueError(f"detect_r_peaks expects one lead (1-D), got shape {x.shape}")
+    if not np.isfinite(x).all():
+        raise ValueError("lead contains NaN or inf")
+    if x.size < fs or np.ptp(x) < 1e-4:
+        return np.zeros(0, dtype=np.int64)
+    band = _filt(x, 5.0, 20.0, fs)
+    energy = np.gradient(band) ** 2
+    window = max(1, int(round(0.15 * fs)))
+    mwi = np.convolve(energy, np.ones(window) / window, mode="same")
+    refractory = int(round(REFRACTORY_S * fs))
+    candidates, _ = signal.find_peaks(mwi, distance=refractory)
+    if candidates.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    heights = mwi[candidates]
+    learn = candidates < 2 * fs
+    spk = 0.25 * (heights[learn].max() if learn.any() else heights.max())
+    npk = 0.5 * float(np.mean(mwi[: 2 * fs]))
+    accepted: list[int] = []
+    rr_mean: float | None = None
+    for c, h in zip(candidates, heights):
+        threshold = npk + 0.25 * (spk - npk)
+        if accepted and c - accepted[-1] < refractory:
+            continue
+        if h > threshold:
+            if rr_mean is not None and accepted and c - accepted[-1] > 1.66 * rr_mean:
+                # Search back for a missed beat between the last accepted peak and this one.
+                lo, hi = accepted[-1] + refractory, c - refractory
+                between = candidates[(candidates > lo) & (candidates < hi)]
+                if between.size:
+                    best = between[np.argmax(mwi[between])]
+                    if mwi[best] > 0.5 * threshold:
+                        accepted.append(int(best))
+                        spk = 0.25 * mwi[best] + 0.75 * spk
+            accepted.append(int(c))
+            spk = 0.125 * h + 0.875 * spk
+            if len(accepted) >= 2:
+                rr = np.diff(accepted[-9:])
+                rr_mean = float(rr.mean())
+        else:
+            npk = 0.125 * h + 0.875 * npk
+    if not accepted:
+        return np.zeros(0, dtype=np.int64)
+    # Place each beat on the extreme of the broadband signal, with the record's dominant polarity.
+    wide = _filt(x, 0.5, 40.0, fs)
+    half = int(round(0.08 * fs))
+    peaks_pos, peaks_neg = [], []
+    for c in accepted:
+        lo, hi = max(0, c - half), min(x.size, c + half + 1)
+        seg = wide[lo:hi]
+        peaks_pos.append((lo + int(np.argmax(seg)), float(seg.max())))
+        peaks_neg.append((lo + int(np.argmin(seg)), float(-seg.min())))
+    use_pos = np.median([a for _, a in peaks_pos]) >= np.median([a for _, a in peaks_neg])
+    chosen = [p for p, _ in (peaks_pos if use_pos else peaks_neg)]
+    r = np.unique(np.asarray(chosen, dtype=np.int64))
+    # Two energy peaks may land on the same R (notched QRS): keep peaks a refractory period apart.
+    keep = [r[0]]
+    for p in r[1:]:
+        if p - keep[-1] >= refractory:
+            keep.append(p)
+    return np.asarray(keep, dtype=np.int64)
+
+
+@dataclass
+class Beats:
+    """Fiducial points of one lead (sample indices; -1 where not found) and the sampling rate."""
+
+    fs: int
+    r: np.ndarray
+    qrs_on: np.ndarray
+    qrs_off: np.ndarray
+    p_on: np.ndarray
+    t_end: np.ndarray
+    rr_s: np.ndarray = field(default_factory=lambda: np.zeros(0))  # RR before each beat; NaN for the first
+
+    def intervals_ms(self) -> dict[str, np.ndarray]:
+        """Per-beat QRS, PR and QT in ms (NaN where a fiducial point is missing) and RR in s."""
+        ms = 1000.0 / self.fs
+
+        def span(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+            ok = (a >= 0) & (b >= 0)
+            return np.where(ok, (b - a) * ms, np.nan)
+
+        return {
+            "qrs_ms": span(self.qrs_on, self.qrs_off),
+            "pr_ms": span(self.p_on, self.qrs_on),
+            "qt_ms": span(self.qrs_on, self.t_end),
+            "rr_s": self.rr_s,
+        }
+
+
+def delineate(lead: np.ndarray, fs: int = FS) -> Beats:
+    """R peaks, QRS onset/offset, P onset and T end of one lead (see the module docstring)."""
+    x = np.asarray(lead, dtype=np.float64)
+    r = detect_r_peaks(x, fs)
+    n = r.size
+    none = np.full(n, -1, dtype=np.int64)
+    beats = Beats(fs, r, none.copy(), none.copy(), none.copy(), none.copy(),
+                  np.concatenate([[np.nan], np.diff(r) / fs]) if n else np.zeros(0))
+    if n == 0:
+        return beats
+    wide = _filt(x, 0.5, 40.0, fs)
+    low = _filt(x, 0.5, 15.0, fs)
+    slope = np.abs(np.gradient(wide))
+    ms = lambda v: int(round(v * fs / 1000.0))  # noqa: E731 - milliseconds to samples
+    size = x.size
+    for i, rp in enumerate(r):
+        # QRS onset / offset from the slope envelope.
+        lo = max(0, rp - ms(100))
+        hi = min(size - 1, rp + ms(100))
+        if rp - lo < 2 or hi - rp < 2:
+            continue
+        pre = lo + int(np.argmax(slope[lo:rp + 1]))
+        post = rp + int(np.argmax(slope[rp:hi + 1]))
+        thr = 0.15 * max(slope[pre], slope[post])
+        on = pre
+        limit_on = max(0, rp - ms(150))
+        while on > limit_on and slope[on] > thr:
+            on -= 1
+        off = post
+        limit_off = min(size - 1, rp + ms(150))
+        while off < limit_off and slope[off] > thr:
+            off += 1
+        if on <= limit_on or off >= limit_off:
+            continue  # no quiet segment found: QRS boundary undefined
+        beats.qrs_on[i], beats.qrs_off[i] = on, off
+        iso = low[on]
+        # P wave before QRS onset.
+        p_lo, p_hi = on - ms(250), on - ms(40)
+        if i > 0:
+            p_lo = max(p_lo, r[i - 1] + ms(200))
+        if p_lo >= 0 and p_hi - p_lo >= 3:
+            dev = low[p_lo:p_hi] - iso
+            k = int(np.argmax(np.abs(dev)))
+            amp = dev[k]
+            if abs(amp) >= 0.03:
+                p_peak = p_lo + k
+                j = p_peak
+                stop = max(0, p_peak - ms(120))
+                while j > stop and abs(low[j] - iso) > 0.2 * abs(amp):
+                    j -= 1
+                if j > stop:
+                    beats.p_on[i] = j
+        # T wave after QRS offset, bounded by the next QRS.
+        t_lo = off + ms(80)
+        t_hi = off + ms(450)
+        if i + 1 < n:
+            t_hi = min(t_hi, r[i + 1] - ms(100))
+        t_hi = min(t_hi, size - 1)
+        if t_hi - t_lo < 3:
+            continue
+        dev = low[t_lo:t_hi] - iso
+        k = int(np.argmax(np.abs(dev)))
+        t_peak = t_lo + k
+        sign = np.sign(dev[k]) or 1.0
+        d_hi = min(t_hi, t_peak + ms(200))
+        if d_hi - t_peak < 2:
+            continue
+        d = np.gradient(low[t_peak:d_hi + 1])
+        m = int(np.argmax(-sign * d))  # steepest descent back towards the PR level
+        steep = -sign * d[m]
+        if steep <= 1e-6:
+            continue
+        m_abs = t_peak + m
+        end = m_abs + sign * (low[m_abs] - iso) / steep
+        if t_peak < end <= min(size - 1, t_peak + ms(300)):
+            beats.t_end[i] = int(round(end))
+    return beats
+
+
+def record_features(lead: np.ndarray, fs: int = FS) -> tuple[dict[str, float], Beats]:
+    """Per-record features (FEATURES) of one lead and its delineation; NaN where undefined."""
+    beats = delineate(lead, fs)
+    iv = beats.intervals_ms()
+    out = {name: float("nan") for name in FEATURES}
+    rr = beats.rr_s[1:] if beats.r.size > 1 else np.zeros(0)
+    if rr.size >= 1:
+        median_rr = float(np.median(rr))
+        out["heart_rate_bpm"] = 60.0 / median_rr
+    if rr.size >= 2:
+        out["sdnn_ms"] = float(np.std(rr * 1000.0, ddof=1))
+        out["rmssd_ms"] = float(np.sqrt(np.mean(np.diff(rr * 1000.0) ** 2)))
+    for name in ("qrs_ms", "pr_ms", "qt_ms"):
+        vals = iv[name][np.isfinite(iv[name])]
+        if vals.size:
+            out[name] = float(np.median(vals))
+    if np.isfinite(out["qt_ms"]) and rr.size >= 1:
+        out["qtc_ms"] = out["qt_ms"] / np.sqrt(float(np.median(rr)))
+    return out, beats
+
+
+def beat_plausibility(beats: Beats) -> np.ndarray:
+    """Boolean per beat (see the module docstring for the ranges)."""
+    iv = beats.intervals_ms()
+    ok = np.ones(beats.r.size, dtype=bool)
+    for name in ("rr_s", "qrs_ms", "qt_ms"):
+        lo, hi = PLAUSIBLE[name]
+        v = iv[name]
+        ok &= np.isfinite(v) & (v >= lo) & (v <= hi)
+    lo, hi = PLAUSIBLE["pr_ms"]
+    pr = iv["pr_ms"]
+    ok &= ~np.isfinite(pr) | ((pr >= lo) & (pr <= hi))
+    return ok
+
+
+def features_table(x12: np.ndarray, fs: int = FS, lead: int = LEAD_II, progress: bool = False) -> tuple[np.ndarray, dict[str, float]]:
+    """Features [N, len(FEATURES)] (NaN where undefined) of lead `lead` and set-level beat statistics."""
+    from tqdm.auto import tqdm
+
+    x12 = np.asarray(x12, dtype=np.float64)
+    if x12.ndim != 3 or x12.shape[1] <= lead:
+        raise ValueError(f"signals must be [N, leads, T] with lead index {lead} present, got shape {x12.shape}")
+    table = np.full((x12.shape[0], len(FEATURES)), np.nan)
+    beats_total = plausible_total = records_with_beats = 0
+    for i in tqdm(range(x12.shape[0]), desc="delineate", disable=not progress, leave=False):
+        feats, beats = record_features(x12[i, lead], fs)
+        table[i] = [feats[name] for name in FEATURES]
+        if beats.r.size >= 2:
+            records_with_beats += 1
+            ok = beat_plausibility(beats)[1:]  # the first beat has no preceding RR
+            beats_total += ok.size
+            plausible_total += int(ok.sum())
+    n = max(x12.shape[0], 1)
+    summary = {
+        "plausible_beat_fraction": plausible_total / beats_total if beats_total else float("nan"),
+        "records_with_beats_fraction": records_with_beats / n,
+        "beats_per_record": beats_total / n,
+    }
+    return table, summary
+
+
+def feature_distances(real_table: np.ndarray, synthetic_table: np.ndarray) -> dict[str, dict[str, float | None]]:
+    """Per feature: 1-D Wasserstein distance and medians of real and synthetic (finite values only)."""
+    out: dict[str, dict[str, float | None]] = {}
+    for k, name in enumerate(FEATURES):
+        a = real_table[:, k][np.isfinite(real_table[:, k])]
+        b = synthetic_table[:, k][np.isfinite(synthetic_table[:, k])]
+        out[name] = {
+            "wasserstein": float(stats.wasserstein_distance(a, b)) if a.size and b.size else None,
+            "median_real": float(np.median(a)) if a.size else None,
+            "median_synthetic": float(np.median(b)) if b.size else None,
+            "defined_fraction_real": a.size / max(len(real_table), 1),
+            "defined_fraction_synthetic": b.size / max(len(synthetic_table), 1),
+        }
+    return out
+
+
+def einthoven_consistency(x12: np.ndarray) -> dict[str, float]:
+    """Lead-system residuals relative to amplitude (0 for a consistent 12-lead record).
+
+    Residuals (leads in LEADS order): Einthoven I + III - II; Goldberger aVR + (I + II)/2,
+    aVL - (I - III)/2, aVF - (II + III)/2. Each is mean |residual| / mean |limb leads I, II, III| per
+    record, averaged over records; `max_relation` is the largest of the four.
+    """
+    x = np.asarray(x12, dtype=np.float64)
+    if x.ndim != 3 or x.shape[1] < 6:
+        raise ValueError(f"einthoven_consistency needs [N, 12, T] signals with limb leads first, got {x.shape}")
+    lead_i, lead_ii, lead_iii, avr, avl, avf = (x[:, k] for k in range(6))
+    scale = np.abs(x[:, :3]).mean(axis=(1, 2))  # (N)
+    scale = np.where(scale > 1e-9, scale, np.nan)
+    residuals = {
+        "einthoven": lead_i + lead_iii - lead_ii,
+        "goldberger_avr": avr + (lead_i + lead_ii) / 2,
+        "goldberger_avl": avl - (lead_i - lead_iii) / 2,
+        "goldberger_avf": avf - (lead_ii + lead_iii) / 2,
+    }
+    out = {name: float(np.nanmean(np.abs(res).mean(axis=-1) / scale)) for name, res in residuals.items()}
+    out["max_relation"] = max(out.values())
+    return out
+
+
+def normalize_age(age: np.ndarray) -> np.ndarray:
+    """PTB-XL codes ages over 89 as 300 (v1.0.3): map every age above 89 to 90."""
+    age = np.asarray(age, dtype=np.float64)
+    return np.where(age > 89, 90.0, age)
+
+
+def train_demographic_predictors(
+    x12: np.ndarray,
+    age: np.ndarray,
+    sex: np.ndarray,
+    cfg: "ClassifierConfig",
+    cache_dir: str | None = None,
+    progress: bool = True,
+) -> tuple["ResNet1d", "ResNet1d"]:
+    """Age regressor and sex classifier (the shared CNN) trained on real records with known values.
+
+    age in years (ages over 89 folded to 90), sex 0 male / 1 female; NaN marks missing and is skipped.
+    """
+    from .classifier import train_or_load
+
+    age = normalize_age(age)
+    sex = np.asarray(sex, dtype=np.float64)
+    has_age, has_sex = np.isfinite(age), np.isfinite(sex)
+    if has_age.sum() < 2 or has_sex.sum() < 2 or len(np.unique(sex[has_sex])) < 2:
+        raise ValueError(
+            f"demographic predictors need >= 2 records with age and both sexes: got {int(has_age.sum())} ages, "
+            f"sexes {np.unique(sex[has_sex]).tolist()}"
+        )
+    age_model, _ = train_or_load(x12[has_age], age[has_age, None], "regression", cfg, cache_dir, progress, "age regressor")
+    sex_model, _ = train_or_load(x12[has_sex], sex[has_sex, None], "binary", cfg, cache_dir, progress, "sex classifier")
+    return age_model, sex_model
+
+
+def demographic_scores(
+    age_model: "ResNet1d", sex_model: "ResNet1d", x12: np.ndarray, age: np.ndarray, sex: np.ndarray
+) -> dict[str, float | None]:
+    """Age MAE (years) and sex AUROC/accuracy of the predictors on records with known target values."""
+    from sklearn.metrics import roc_auc_score
+
+    from .classifier import predict
+
+    age = normalize_age(age)
+    sex = np.asarray(sex, dtype=np.float64)
+    out: dict[str, float | None] = {"age_mae_years": None, "sex_auroc": None, "sex_accuracy": None}
+    has_age, has_sex = np.isfinite(age), np.isfinite(sex)
+    if has_age.any():
+        pred = predict(age_model, x12[has_age], "regression")[:, 0]
+        out["age_mae_years"] = float(np.abs(pred - age[has_age]).mean())
+    if has_sex.any():
+        prob = predict(sex_model, x12[has_sex], "binary")[:, 0]
+        truth = sex[has_sex] > 0.5
+        out["sex_accuracy"] = float(((prob > 0.5) == truth).mean())
+        if truth.any() and not truth.all():
+            out["sex_auroc"] = float(roc_auc_score(truth, prob))
+    out["n_age"] = float(has_age.sum())
+    out["n_sex"] = float(has_sex.sum())
+    return out

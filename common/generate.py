@@ -1,0 +1,209 @@
+"""Sampling from a generator: conditioned 12-lead ECGs in mV, written as WFDB records and PTB-XL folders."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+import wfdb
+from tqdm.auto import tqdm
+
+from common.bundle import Generator
+from common.data.ptbxl import (
+    LEADS,
+    demographics_from_metadata,
+    derive_leads,
+    encode_demographics,
+    labels_from_scp_codes,
+)
+from common.train import select_device
+
+SAMPLING_RATE = 100
+# PTB-XL stores 1 uV resolution: gain 1000 ADC units per mV in 16-bit format.
+ADC_GAIN = 1000.0
+
+
+@torch.no_grad()
+def generate(
+    gen: Generator,
+    labels: np.ndarray,
+    demographics: np.ndarray,
+    mask: np.ndarray,
+    seed: int = 0,
+    batch_size: int = 64,
+    steps: int | None = None,
+    guidance_scale: float | None = None,
+    progress: bool = True,
+    device: str = "auto",
+) -> np.ndarray:
+    """Sample one 12-lead ECG (float32 [12, 1000], mV) per row of labels [N,71] / demographics [N,4] + mask."""
+    labels = np.asarray(labels, dtype=np.float32)
+    n = labels.shape[0]
+    if demographics.shape != (n, 4) or mask.shape != (n, 4):
+        raise ValueError(f"expected demographics and mask of shape ({n}, 4), got {demographics.shape}, {mask.shape}")
+    dev = select_device(device)
+    model = gen.model.to(dev).eval()
+    dc = gen.cfg.diffusion
+    encoded = encode_demographics(demographics, mask).astype(np.float32)
+    generator = torch.Generator(device=dev).manual_seed(seed)
+    out = np.empty((n, 12, 1000), dtype=np.float32)
+    batches = range(0, n, batch_size)
+    for start in tqdm(batches, desc="sampling", disable=not progress or n <= batch_size, leave=False):
+        stop = min(n, start + batch_size)
+        x = gen.diffusion.sample(
+            model,
+            torch.from_numpy(labels[start:stop]).to(dev),
+            torch.from_numpy(encoded[start:stop]).to(dev),
+            steps=steps if steps is not None else dc.sample_steps,
+            sampler=dc.sampler,
+            eta=dc.eta,
+            guidance_scale=guidance_scale if guidance_scale is not None else dc.guidance_scale,
+            generator=generator,
+        )
+        signals8 = gen.normalizer.denormalize(x.float().cpu().numpy().astype(np.float64))
+        out[start:stop] = derive_leads(signals8).astype(np.float32)
+    if not np.isfinite(out).all():
+        raise FloatingPointError("the generator produced non-finite samples")
+    return out
+
+
+def write_record(path_stem: Path, signals12: np.ndarray) -> None:
+    """One 12-lead WFDB record at 100 Hz in mV, in PTB-XL's own format (16-bit, 1000 units/mV)."""
+    path_stem.parent.mkdir(parents=True, exist_ok=True)
+    limit = (2**15 - 1) / ADC_GAIN
+    clipped = np.clip(signals12.T.astype(np.float64), -limit, limit)
+    wfdb.wrsamp(
+        path_stem.name,
+        fs=SAMPLING_RATE,
+        units=["mV"] * 12,
+        sig_name=list(LEADS),
+        p_signal=clipped,
+        fmt=["16"] * 12,
+        adc_gain=[ADC_GAIN] * 12,
+        baseline=[0] * 12,
+        write_dir=str(path_stem.parent),
+    )
+
+
+def parse_labels(text: str | None, codes: Sequence[str]) -> np.ndarray:
+    """'NORM,IMI' -> multi-hot [71]; a superclass or unknown code is an error naming the valid codes."""
+    vector = np.zeros(len(codes), dtype=np.float32)
+    if not text:
+        return vector
+    for code in (c.strip() for c in text.split(",")):
+        if not code:
+            continue
+        if code not in codes:
+            raise ValueError(f"unknown SCP statement {code!r}; valid statements: {', '.join(codes)}")
+        vector[list(codes).index(code)] = 1.0
+    return vector
+
+
+def sample_records(
+    gen: Generator,
+    codes: Sequence[str],
+    out_dir: str | Path,
+    n: int,
+    labels: str | None = None,
+    age: float | None = None,
+    sex: str | None = None,
+    height: float | None = None,
+    weight: float | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """`fedecg sample --n N --labels ... --age ... --sex ...`: N records with the same conditions."""
+    from common.data.ptbxl import demographics_from_request
+    from common.plotting import plot_ecg_grid
+
+    out_dir = Path(out_dir)
+    vector = parse_labels(labels, codes)
+    values, present = demographics_from_request(age=age, sex=sex, height=height, weight=weight)
+    signals = generate(
+        gen,
+        np.repeat(vector[None], n, axis=0),
+        np.repeat(values[None], n, axis=0),
+        np.repeat(present[None], n, axis=0),
+        seed=seed,
+        progress=progress,
+    )
+    rows = []
+    for i in range(n):
+        name = f"synthetic_{i:05d}"
+        write_record(out_dir / "records100" / name, signals[i])
+        rows.append(
+            {
+                "record": f"records100/{name}",
+                "labels": labels or "",
+                "age": age if age is not None else "",
+                "sex": sex if sex is not None else "",
+                "height": height if height is not None else "",
+                "weight": weight if weight is not None else "",
+                "seed": seed,
+            }
+        )
+    table = pd.DataFrame(rows)
+    table.to_csv(out_dir / "conditions.csv", index=False)
+    title = f"{labels or 'unconditional labels'}; age {age if age is not None else '?'}, sex {sex or '?'}"
+    plot_ecg_grid(signals, out_dir / "samples.png", titles=[f"{title} #{i}" for i in range(n)])
+    return table
+
+
+def sample_like(
+    gen: Generator,
+    meta: pd.DataFrame,
+    codes: Sequence[str],
+    out_dir: str | Path,
+    seed: int = 0,
+    batch_size: int = 64,
+    progress: bool = True,
+    scp_statements: Path | None = None,
+) -> Path:
+    """One synthetic record per row of a PTB-XL table, conditioned on its scp_codes and demographics.
+
+    The output is a PTB-XL-format folder (ptbxl_database.csv with the same columns and ecg_ids, records100/),
+    so the synthetic cohort drops into any PTB-XL pipeline.
+    """
+    out_dir = Path(out_dir)
+    if len(meta) == 0:
+        raise ValueError("the --like table has no rows")
+    labels = labels_from_scp_codes(meta["scp_codes"], codes)
+    values, present = demographics_from_metadata(meta)
+    signals = generate(gen, labels, values, present, seed=seed, batch_size=batch_size, progress=progress)
+    table = meta.copy()
+    filenames = []
+    for i, ecg_id in enumerate(tqdm(meta.index, desc="writing", disable=not progress, leave=False)):
+        folder = f"{(int(ecg_id) // 1000) * 1000:05d}"
+        stem = f"records100/{folder}/{int(ecg_id):05d}_lr"
+        write_record(out_dir / stem, signals[i])
+        filenames.append(stem)
+    table["filename_lr"] = filenames
+    table["filename_hr"] = ""  # no 500 Hz version of synthetic records
+    table["scp_codes"] = [repr(dict(c)) if isinstance(c, dict) else str(c) for c in meta["scp_codes"]]
+    table.to_csv(out_dir / "ptbxl_database.csv", index_label="ecg_id")
+    if scp_statements is not None and scp_statements.is_file():
+        (out_dir / "scp_statements.csv").write_bytes(scp_statements.read_bytes())
+    preview = min(4, len(signals))
+    plot_ecg_grid(
+        signals[:preview],
+        out_dir / "samples.png",
+        titles=[f"ecg_id {int(i)}: {meta.loc[i, 'scp_codes']}" for i in meta.index[:preview]],
+    )
+    return out_dir
+
+
+def grid_conditions(codes: Sequence[str], n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    """A fixed, data-free set of conditions for progress PNGs: common statements, mid-aged patients."""
+    menu = ["NORM", "IMI", "AFIB", "LVH", "CLBBB", "ASMI", "NDT", "SR"]
+    chosen = [c for c in menu if c in codes][: max(1, n)]
+    while len(chosen) < n:
+        chosen.append(chosen[len(chosen) % len(chosen)])
+    labels = np.stack([parse_labels(c, codes) for c in chosen])
+    ages = np.array([[60.0, i % 2, math.nan, math.nan] for i in range(n)], dtype=np.float32)
+    mask = np.array([[True, True, False, False]] * n)
+    titles = [f"{c}, age 60, {'female' if i % 2 else 'male'}" for i, c in enumerate(chosen)]
+    return labels, ages, mask, titles

@@ -1,0 +1,271 @@
+"""THE local training loop. The federated client, the central baseline and the benchmarks all call it.
+
+    result = train_local(model, diffusion, data, cfg, steps=100, budget=budget)
+
+With a `SiteBudget` the denoiser (and only the denoiser) is wrapped by Opacus: Poisson sampling at the
+budget's sample rate, per-sample clipping at C, Gaussian noise at sigma, and the accountant continues
+from the budget's history. The loop never takes a step the budget cannot afford.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+from tqdm.auto import tqdm
+
+from common.config import Config
+from common.data.ptbxl import ECGDataset, Normalizer, encode_demographics
+from common.diffusion import GaussianDiffusion
+from common.losses import MelSpectrogramLoss
+from common.privacy import SiteBudget
+
+
+def select_device(name: str = "auto") -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device is 'cuda' but no CUDA device is available")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@dataclass
+class TrainingData:
+    """Model-ready tensors: normalized 8-lead signals, multi-hot labels, encoded demographics."""
+
+    signals: torch.Tensor  # [N, 8, L] normalized
+    labels: torch.Tensor  # [N, 71]
+    demographics: torch.Tensor  # [N, 8]
+
+    @classmethod
+    def from_dataset(cls, dataset: ECGDataset, normalizer: Normalizer) -> "TrainingData":
+        return cls(
+            signals=torch.from_numpy(normalizer.normalize(dataset.signals).astype(np.float32)),
+            labels=torch.from_numpy(dataset.labels.astype(np.float32)),
+            demographics=torch.from_numpy(
+                encode_demographics(dataset.demographics, dataset.demographics_mask).astype(np.float32)
+            ),
+        )
+
+    def __len__(self) -> int:
+        return int(self.signals.shape[0])
+
+
+class EMA:
+    """Exponential moving average of a module's floating-point parameters and buffers."""
+
+    def __init__(self, module: nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {k: v.detach().clone() for k, v in module.state_dict().items() if v.is_floating_point()}
+
+    @torch.no_grad()
+    def update(self, module: nn.Module) -> None:
+        for name, value in module.state_dict().items():
+            if name in self.shadow:
+                self.shadow[name].lerp_(value.detach(), 1.0 - self.decay)
+
+    def copy_to(self, module: nn.Module) -> None:
+        state = module.state_dict()
+        state.update({k: v.clone() for k, v in self.shadow.items()})
+        module.load_state_dict(state)
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    examples: int  # examples actually drawn (Poisson batches vary in size)
+    loss: float
+    eps_loss: float
+    mel_loss: float
+    seconds: float
+    log: list[dict[str, float]] = field(default_factory=list)
+    budget_exhausted: bool = False
+
+
+def _batches(loader: DataLoader):
+    while True:
+        yield from loader
+
+
+def _autocast(device: torch.device, enabled: bool):
+    if device.type == "cuda" and enabled:
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return torch.autocast(device_type="cpu", enabled=False)
+
+
+def train_local(
+    model: nn.Module,
+    diffusion: GaussianDiffusion,
+    data: TrainingData,
+    cfg: Config,
+    steps: int,
+    *,
+    budget: SiteBudget | None = None,
+    ema: EMA | None = None,
+    proximal_mu: float = 0.0,
+    seed: int | None = None,
+    progress: bool = True,
+    description: str = "train",
+    on_log: Callable[[dict[str, float]], None] | None = None,
+) -> TrainResult:
+    """Train `model` in place for `steps` optimizer steps (fewer if the privacy budget runs out first)."""
+    tc = cfg.train
+    if len(data) == 0:
+        raise ValueError("no training records")
+    device = select_device(tc.device)
+    seed = tc.seed if seed is None else seed
+    torch.manual_seed(seed)
+    loader_generator = torch.Generator().manual_seed(seed)
+    model.to(device)
+    model.train()
+    anchor = {n: p.detach().clone() for n, p in model.named_parameters()} if proximal_mu > 0 else None
+
+    mel_loss = MelSpectrogramLoss(cfg.midt).to(device) if cfg.midt.enabled and cfg.midt.weight > 0 else None
+    dataset = TensorDataset(data.signals, data.labels, data.demographics)
+    loader = DataLoader(dataset, batch_size=min(tc.batch_size, len(data)), shuffle=True, generator=loader_generator)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    trained = model  # the module whose forward we call (Opacus may wrap it)
+    ghost = False
+    if budget is not None:
+        steps = budget.affordable(steps)
+        if steps == 0:
+            return TrainResult(0, 0, math.nan, math.nan, math.nan, 0.0, budget_exhausted=True)
+        trained, optimizer, loader, ghost = _make_private(model, optimizer, loader, budget, cfg, loader_generator)
+
+    totals = {"loss": 0.0, "eps": 0.0, "mel": 0.0}
+    examples = 0
+    log: list[dict[str, float]] = []
+    window = {"loss": 0.0, "eps": 0.0, "mel": 0.0, "n": 0}
+    start = time.perf_counter()
+    bar = tqdm(total=steps, desc=description, disable=not progress, leave=False, dynamic_ncols=True)
+    batches = _batches(loader)
+    for step in range(1, steps + 1):
+        x0, labels, demographics = (t.to(device, non_blocking=True) for t in next(batches))
+        examples += int(x0.shape[0])
+        optimizer.zero_grad(set_to_none=True)
+        if x0.shape[0] == 0:
+            # A Poisson batch can be empty; the step still happens (noise only) and is accounted.
+            optimizer.step()
+            bar.update(1)
+            continue
+        with _autocast(device, tc.mixed_precision):
+            losses = diffusion.training_losses(
+                trained,
+                x0,
+                labels,
+                demographics,
+                mel_loss=mel_loss,
+                mel_weight=cfg.midt.weight,
+                mel_target=cfg.midt.target,
+                cond_dropout=cfg.model.cond_dropout,
+                noise_multiplicity=cfg.midt.noise_multiplicity,
+            )
+        per_sample = losses["loss"].float()  # [B]: DP clips per example
+        if ghost:
+            from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
+
+            DPTensorFastGradientClipping(trained, optimizer, per_sample, "mean").backward()
+        else:
+            per_sample.mean().backward()
+            if budget is None and tc.grad_clip > 0:
+                nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+        optimizer.step()
+        if anchor is not None:
+            # FedProx as a decoupled proximal step: data-independent, so it costs no privacy.
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    p.sub_(tc.lr * proximal_mu * (p - anchor[name]))
+        if ema is not None:
+            ema.update(model)
+
+        batch_loss = float(per_sample.detach().mean())
+        batch_eps = float(losses["eps"].detach().float().mean())
+        batch_mel = float(losses["mel"].detach().float().mean())
+        if not math.isfinite(batch_loss):
+            raise FloatingPointError(f"{description}: loss became {batch_loss} at step {step}")
+        for key, value in (("loss", batch_loss), ("eps", batch_eps), ("mel", batch_mel)):
+            totals[key] += value
+            window[key] += value
+        window["n"] += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{batch_loss:.4f}", mel=f"{batch_mel:.3f}")
+        if step % max(1, tc.log_every) == 0 or step == steps:
+            row = {
+                "step": float(step),
+                "loss": window["loss"] / window["n"],
+                "eps_loss": window["eps"] / window["n"],
+                "mel_loss": window["mel"] / window["n"],
+                "seconds": time.perf_counter() - start,
+            }
+            log.append(row)
+            if on_log is not None:
+                on_log(row)
+            window = {"loss": 0.0, "eps": 0.0, "mel": 0.0, "n": 0}
+    bar.close()
+    if budget is not None:
+        budget.record(steps)
+        _check_accounting(optimizer, budget)
+        _unwrap(trained)
+    taken = max(1, steps)
+    return TrainResult(
+        steps=steps,
+        examples=examples,
+        loss=totals["loss"] / taken,
+        eps_loss=totals["eps"] / taken,
+        mel_loss=totals["mel"] / taken,
+        seconds=time.perf_counter() - start,
+        log=log,
+        budget_exhausted=budget is not None and budget.affordable(1) == 0,
+    )
+
+
+def _make_private(model, optimizer, loader, budget: SiteBudget, cfg: Config, generator):
+    from opacus import PrivacyEngine
+
+    mode = cfg.privacy.grad_sample_mode
+    engine = PrivacyEngine(accountant=budget.accountant)
+    with warnings.catch_warnings():
+        # Opacus warns about secure RNG; a seeded generator keeps CPU runs reproducible by design.
+        warnings.simplefilter("ignore", UserWarning)
+        wrapped = engine.make_private(
+            module=model,
+            optimizer=optimizer,
+            data_loader=loader,
+            noise_multiplier=budget.noise_multiplier,
+            max_grad_norm=budget.max_grad_norm,
+            poisson_sampling=True,
+            grad_sample_mode=mode,
+            noise_generator=torch.Generator(device=next(model.parameters()).device).manual_seed(
+                int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+            ),
+        )
+    if mode == "ghost":
+        trained, dp_optimizer, _criterion, dp_loader = wrapped
+    else:
+        trained, dp_optimizer, dp_loader = wrapped
+    opacus_rate = 1 / len(loader)  # what Opacus' accountant hook records per step
+    if not math.isclose(opacus_rate, budget.sample_rate, rel_tol=1e-9):
+        raise RuntimeError(
+            f"Opacus samples at q={opacus_rate:.6g} but the budget was planned for q={budget.sample_rate:.6g}"
+        )
+    return trained, dp_optimizer, dp_loader, mode == "ghost"
+
+
+def _check_accounting(optimizer, budget: SiteBudget) -> None:
+    if not math.isclose(optimizer.noise_multiplier, budget.noise_multiplier, rel_tol=1e-12):
+        raise RuntimeError("the optimizer's noise multiplier drifted from the planned one")
+
+
+def _unwrap(trained: nn.Module) -> None:
+    """Remove Opacus hooks so the plain module can be reused (and serialized) after local training."""
+    remove = getattr(trained, "_close", None)
+    if callable(remove):
+        remove()
+

@@ -1,0 +1,233 @@
+"""Flower ServerApp: rounds of site training, aggregation, checkpoints, the epsilon table, the certificate.
+
+Each round: send the global weights, collect site weights and scalar metrics, aggregate, checkpoint
+(safetensors + JSON), log per-site metrics and epsilon, and every K rounds sample a PNG from the global model.
+A site whose budget is spent answers "budget exhausted"; once no site can train, the run ends cleanly.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+
+from common.bundle import (
+    build_generator,
+    latest_checkpoint,
+    load_weights,
+    read_checkpoint,
+    save_checkpoint,
+)
+from common.config import Config, RunSpec, save as save_config
+from common.model.denoiser import build_denoiser
+from common.normalization import federated_normalizer
+from common.privacy import build_certificate, write_certificate
+from common.scp import SCP_CODES
+from server.strategy import PrivacyLedger, build_strategy, load_strategy_state, save_strategy_state
+
+log = logging.getLogger("fedecg.server")
+ROUND_TIMEOUT_S = 3600.0
+METRIC_FIELDS = (
+    "round", "site", "loss", "eps-loss", "mel-loss", "epsilon", "steps", "steps-total", "num-examples",
+    "train-seconds", "round-seconds", "flower-overhead-seconds", "budget-exhausted",
+)
+
+
+def run_directory(spec: RunSpec, cfg: Config) -> Path:
+    if spec.run_dir:
+        return Path(spec.run_dir)
+    return Path(cfg.output.dir) / f"{cfg.output.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _append_metrics(path: Path, rows: list[dict]) -> None:
+    new = not path.exists()
+    with path.open("a", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=METRIC_FIELDS, extrasaction="ignore")
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
+
+
+def _read_metrics(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    with path.open() as handle:
+        return list(csv.DictReader(handle))
+
+
+def _site_name(metrics: dict) -> str:
+    return f"site-{int(metrics['site-index'])}"
+
+
+def run_server(grid: Grid, context: Context, spec: RunSpec) -> Path:
+    cfg = spec.load()
+    fc = cfg.federation
+    run_dir = run_directory(spec, cfg)
+    ckpt_root = run_dir / "checkpoints"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    normalizer = federated_normalizer()
+    strategy = build_strategy(cfg)
+    ledger = PrivacyLedger()
+    start_round = 1
+
+    if spec.resume:
+        latest = latest_checkpoint(run_dir)
+        if latest is None:
+            raise FileNotFoundError(f"--resume: {run_dir} holds no checkpoint to resume from")
+        state, saved_cfg, _, progress = read_checkpoint(latest)
+        if saved_cfg != cfg:
+            raise ValueError(f"--resume: the config differs from the one {run_dir} was started with")
+        load_strategy_state(latest / "strategy.safetensors", strategy)
+        ledger = PrivacyLedger.from_json((latest / "ledger.json").read_text())
+        start_round = int(progress["round"]) + 1
+        log.info("resuming %s after round %d", run_dir, start_round - 1)
+    else:
+        if latest_checkpoint(run_dir) is not None:
+            raise FileExistsError(f"{run_dir} already holds a run; use --resume or a new run directory")
+        save_config(cfg, run_dir)
+        torch.manual_seed(cfg.train.seed)
+        state = {k: v.detach().cpu() for k, v in build_denoiser(cfg.model).state_dict().items()}
+
+    arrays = ArrayRecord(state)
+    last_round = fc.rounds if not spec.until_round else min(fc.rounds, spec.until_round)
+    exhausted: set[str] = set()
+    for server_round in range(start_round, last_round + 1):
+        round_start = time.perf_counter()
+        config = ConfigRecord({"proximal-mu": fc.proximal_mu if fc.strategy == "fedprox" else 0.0})
+        messages = list(strategy.configure_train(server_round, arrays, config, grid))
+        replies = list(grid.send_and_receive(messages=messages, timeout=ROUND_TIMEOUT_S))
+        errors = [m for m in replies if m.has_error()]
+        for m in errors:
+            log.error("round %d: node %d failed: %s", server_round, m.metadata.src_node_id, m.error.reason)
+        ok = [m for m in replies if not m.has_error()]
+        if len(ok) < fc.min_sites and not all(_is_exhausted_only(m) for m in ok):
+            raise RuntimeError(f"round {server_round}: {len(ok)} sites answered, fewer than min_sites={fc.min_sites}")
+        training = [m for m in ok if "arrays" in m.content]
+        rows = []
+        for m in ok:
+            metrics = dict(m.content["metrics"])
+            name = _site_name(metrics)
+            ledger.update(name, metrics)
+            if metrics.get("budget-exhausted"):
+                exhausted.add(name)
+            rows.append({"round": server_round, "site": name, **metrics})
+        if not training:
+            log.warning("round %d: every site's privacy budget is exhausted; ending the run", server_round)
+            _append_metrics(run_dir / "metrics.csv", rows)
+            break
+        new_arrays, _ = strategy.aggregate_train(server_round, training)
+        arrays = new_arrays
+        round_seconds = time.perf_counter() - round_start
+        slowest = max(float(m.content["metrics"]["train-seconds"]) for m in training)
+        rows.append(
+            {
+                "round": server_round,
+                "site": "global",
+                "round-seconds": round_seconds,
+                "flower-overhead-seconds": round_seconds - slowest,
+                "loss": float(np.mean([float(m.content["metrics"]["loss"]) for m in training])),
+                "epsilon": max((float(r.get("epsilon", 0.0)) for r in rows), default=0.0),
+            }
+        )
+        _append_metrics(run_dir / "metrics.csv", rows)
+        _checkpoint(ckpt_root, server_round, arrays, strategy, ledger, cfg, normalizer)
+        log.info("round %d done in %.1fs\n%s", server_round, round_seconds, ledger.table())
+        if fc.sample_every and server_round % fc.sample_every == 0:
+            _sample_png(cfg, arrays, normalizer, run_dir / f"samples_round{server_round:03d}.png", server_round)
+        if fc.evaluate_every and server_round % fc.evaluate_every == 0:
+            _monitor(cfg, arrays, normalizer, run_dir, server_round)
+        if exhausted and exhausted >= {_site_name(dict(m.content["metrics"])) for m in ok}:
+            log.warning("round %d: every site has spent its privacy budget; ending the run", server_round)
+            break
+
+    if cfg.privacy.enabled:
+        write_certificate(run_dir / "privacy.json", build_certificate(cfg, ledger.budgets(cfg)))
+    _plot_rounds(run_dir)
+    (run_dir / "epsilon_table.txt").write_text(ledger.table() + "\n")
+    print(f"\nrun directory: {run_dir}\n{ledger.table()}", flush=True)
+    return run_dir
+
+
+def _is_exhausted_only(message: Message) -> bool:
+    return "arrays" not in message.content and bool(dict(message.content["metrics"]).get("budget-exhausted"))
+
+
+def _checkpoint(root, server_round, arrays, strategy, ledger, cfg, normalizer) -> None:
+    name = f"round_{server_round:04d}"
+    directory = root / name
+    save_checkpoint(
+        directory,
+        arrays.to_torch_state_dict(),
+        cfg,
+        normalizer,
+        progress={"round": server_round, "kind": "federated"},
+    )
+    save_strategy_state(directory / "strategy.safetensors", strategy)
+    (directory / "ledger.json").write_text(ledger.to_json())
+    (root / "latest").write_text(name)  # written last: a crash mid-checkpoint leaves the previous one current
+
+
+def _sample_png(cfg: Config, arrays: ArrayRecord, normalizer, path: Path, server_round: int) -> None:
+    from common.generate import generate, grid_conditions
+    from common.plotting import plot_ecg_grid
+
+    gen = build_generator(cfg, arrays.to_torch_state_dict(), normalizer, path.parent)
+    labels, demo, mask, titles = grid_conditions(SCP_CODES, 4)
+    signals = generate(gen, labels, demo, mask, seed=server_round, progress=False)
+    plot_ecg_grid(signals, path, titles=[f"round {server_round}: {t}" for t in titles])
+
+
+def _monitor(cfg: Config, arrays: ArrayRecord, normalizer, run_dir: Path, server_round: int) -> None:
+    """Fidelity of a small generated batch against the server-held reference set (the validation folds)."""
+    from common.evaluation.fidelity import quick_fidelity
+    from common.generate import generate
+    from server.reference import reference_set
+
+    reference = reference_set(cfg)
+    if reference is None:
+        log.info("round %d: no server-side reference data; skipping monitoring", server_round)
+        return
+    gen = build_generator(cfg, arrays.to_torch_state_dict(), normalizer, run_dir)
+    synthetic = generate(
+        gen, reference.labels, reference.demographics, reference.demographics_mask, seed=server_round, progress=False
+    )
+    scores = quick_fidelity(synthetic, reference.signals12())
+    row = {"round": server_round, **scores}
+    with (run_dir / "monitoring.jsonl").open("a") as handle:
+        handle.write(json.dumps(row) + "\n")
+    log.info("round %d monitoring: %s", server_round, scores)
+
+
+def _plot_rounds(run_dir: Path) -> None:
+    from common.plotting import plot_curves
+
+    rows = [r for r in _read_metrics(run_dir / "metrics.csv") if r["site"] != "global"]
+    if rows:
+        plot_curves(rows, "round", ["loss", "mel-loss", "epsilon"], run_dir / "rounds.png", "per site", group_key="site")
+
+
+def build_server_app(spec: RunSpec | None = None, failures: list[BaseException] | None = None) -> ServerApp:
+    """A ServerApp bound to `spec` (or reading it from the run config); exceptions are also put in `failures`,
+    because the simulation engine logs a failing ServerApp instead of raising to its caller."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        try:
+            run_server(grid, context, spec or RunSpec.from_run_config(dict(context.run_config)))
+        except BaseException as err:
+            if failures is not None:
+                failures.append(err)
+            raise
+
+    return app
+
+
+app = build_server_app()

@@ -1,0 +1,183 @@
+"""The `fedecg` command line: data, train, simulate, sample, export, privacy, evaluate."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from common.config import ConfigError, RunSpec, load
+
+
+def _add_config_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    parser.add_argument("--config", required=required, help="YAML config file (configs/*.yaml)")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+        help="override one config value; repeatable",
+    )
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from simulations.central import run_central
+
+    cfg = load(args.config, args.overrides)
+    out = Path(args.out) if args.out else Path(cfg.output.dir) / f"{cfg.output.name}-central-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_central(cfg, out, progress=not args.quiet)
+    return 0
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from simulations.simulate import default_run_dir, simulate
+
+    if args.resume:
+        run_dir = Path(args.resume)
+        config_path = run_dir / "config.yaml"
+        if not config_path.is_file():
+            raise ConfigError(f"--resume {run_dir}: no config.yaml (not a fedecg run directory)")
+        spec = RunSpec(str(config_path), tuple(args.overrides), str(run_dir), resume=True, until_round=args.until_round)
+    else:
+        if not args.config:
+            raise ConfigError("simulate needs --config CFG (or --resume RUN_DIR)")
+        cfg = load(args.config, args.overrides)
+        run_dir = Path(args.out) if args.out else default_run_dir(cfg)
+        spec = RunSpec(args.config, tuple(args.overrides), str(run_dir), until_round=args.until_round)
+    simulate(spec)
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from common.bundle import load_generator
+    from common.data.ptbxl import read_metadata_table
+    from common.generate import sample_like, sample_records
+    from common.scp import SCP_CODES
+
+    source = args.bundle or args.checkpoint
+    if not source:
+        raise ConfigError("sample needs --bundle BUNDLE or --checkpoint PATH")
+    gen = load_generator(source)
+    out = Path(args.out)
+    if args.like:
+        meta = read_metadata_table(Path(args.like))
+        if args.n:
+            meta = meta.iloc[: args.n]
+        statements = Path(args.like).parent / "scp_statements.csv"
+        sample_like(gen, meta, SCP_CODES, out, seed=args.seed, progress=not args.quiet, scp_statements=statements)
+        print(f"wrote {len(meta)} synthetic records in PTB-XL format to {out}")
+    else:
+        table = sample_records(
+            gen, SCP_CODES, out, n=args.n or 4, labels=args.labels, age=args.age, sex=args.sex,
+            height=args.height, weight=args.weight, seed=args.seed, progress=not args.quiet,
+        )
+        print(f"wrote {len(table)} records, conditions.csv and samples.png to {out}")
+    del pd
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from simulations.export import export_bundle
+
+    bundle = export_bundle(Path(args.run), Path(args.out), evaluation=Path(args.evaluation) if args.evaluation else None)
+    print(f"bundle: {bundle}")
+    return 0
+
+
+def cmd_privacy_verify(args: argparse.Namespace) -> int:
+    from common.bundle import verify_bundle
+    from common.privacy import verify_certificate
+
+    path = Path(args.path)
+    problems: list[str] = []
+    if (path / "manifest.json").is_file():
+        problems += verify_bundle(path)
+    cert_path = path / "privacy.json" if path.is_dir() else path
+    if not cert_path.is_file():
+        print(f"FAIL: no privacy.json in {path}", file=sys.stderr)
+        return 1
+    certificate = json.loads(cert_path.read_text())
+    problems += verify_certificate(certificate)
+    if problems:
+        for p in problems:
+            print(f"FAIL: {p}", file=sys.stderr)
+        return 1
+    rel = certificate["release"]
+    print(f"OK: {len(certificate['sites'])} sites recomputed with the {certificate['accountant']} accountant")
+    for site in certificate["sites"]:
+        print(f"  {site['site']}: epsilon {site['epsilon']:.4f} (target {site['target_epsilon']}), {site['steps']} steps")
+    print(f"release: ({rel['epsilon']:.4f}, {rel['delta']:g})-DP per {rel['unit']}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from simulations import data_commands, evaluate_command
+
+    parser = argparse.ArgumentParser(prog="fedecg", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    data_commands.register(sub)
+    evaluate_command.register(sub)
+
+    p = sub.add_parser("train", help="train one model centrally on all training folds (the baseline)")
+    _add_config_args(p)
+    p.add_argument("--out", help="run directory (default: output.dir/output.name-central-TIMESTAMP)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("simulate", help="run the federation on Flower's simulation engine")
+    _add_config_args(p, required=False)
+    p.add_argument("--out", help="run directory (default: output.dir/output.name-TIMESTAMP)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
+    p.add_argument("--until-round", type=int, default=0, help="stop after this round (resume later)")
+    p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("sample", help="generate 12-lead ECGs as WFDB records")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--bundle", help="release bundle")
+    src.add_argument("--checkpoint", help="checkpoint or run directory")
+    p.add_argument("--n", type=int, default=0, help="records to generate (with --like: first N rows)")
+    p.add_argument("--labels", help="comma-separated SCP statements, e.g. NORM or IMI,LVH")
+    p.add_argument("--age", type=float)
+    p.add_argument("--sex", choices=["male", "female"])
+    p.add_argument("--height", type=float, help="cm")
+    p.add_argument("--weight", type=float, help="kg")
+    p.add_argument("--like", metavar="METADATA.csv", help="one record per row of a PTB-XL-format table")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("export", help="write a release bundle from a run directory")
+    p.add_argument("--run", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--evaluation", help="evaluation.json to include (default: the run's own, if any)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("privacy", help="privacy certificate tools")
+    psub = p.add_subparsers(dest="privacy_command", required=True)
+    v = psub.add_parser("verify", help="recompute epsilon from a run's or bundle's certificate")
+    v.add_argument("path", metavar="RUN_OR_BUNDLE")
+    v.set_defaults(func=cmd_privacy_verify)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.func(args) or 0)
+    except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as err:
+        print(f"fedecg: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""`fedecg export`: a run directory -> a self-contained, checksummed release bundle with a model card."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+from common.bundle import WEIGHTS, latest_checkpoint, read_checkpoint, write_bundle
+from common.config import config_hash, to_dict
+from common.model.denoiser import build_denoiser, count_parameters
+from common.privacy import verify_certificate
+from common.scp import SCP_CODES
+
+
+def model_card(run_dir: Path, cfg, progress: dict, certificate: dict | None, evaluation: dict | None) -> str:
+    params = count_parameters(build_denoiser(cfg.model))
+    lines = [
+        "# Model card: fedecg synthetic 12-lead ECG generator",
+        "",
+        "## What it is",
+        f"A conditional denoising diffusion model of the SSSD-ECG class (residual blocks with S4D state-space "
+        f"layers; preset `{cfg.model.size}`, {params:,} parameters) trained with mel-spectrogram informed "
+        f"diffusion training (MIDT: eps loss + {cfg.midt.weight} x mel loss). It generates 8 independent leads "
+        f"(I, II, V1-V6) of 10 s at 100 Hz in mV; III, aVR, aVL and aVF are derived exactly (Einthoven, Goldberger). "
+        f"It is conditioned on the 71 PTB-XL SCP statements and on age, sex, height and weight (each optional).",
+        "",
+        "## Data",
+        f"PTB-XL (Wagner et al., Scientific Data 2020; CC BY 4.0), partitioned into simulated hospitals by "
+        f"scheme `{cfg.partition.scheme}` ({cfg.partition.num_sites} sites, patient-disjoint), training folds "
+        f"{list(cfg.partition.train_folds)}. No record left its site: only model weights and scalar metrics "
+        f"were exchanged.",
+    ]
+    if certificate:
+        lines += ["", "| site | records | patients | epsilon | target | sigma | sample rate | steps |", "|---|---|---|---|---|---|---|---|"]
+        for s in certificate["sites"]:
+            lines.append(
+                f"| {s['site']} | {s['num_records']} | {s['num_patients']} | {s['epsilon']:.3f} | "
+                f"{s['target_epsilon']:.2f} | {s['noise_multiplier']:.3f} | {s['sample_rate']:.5f} | {s['steps']} |"
+            )
+    lines += [
+        "",
+        "## Training",
+        f"Federated with Flower, strategy `{cfg.federation.strategy}`, {progress.get('round', '?')} rounds of "
+        f"{cfg.federation.local_steps} local steps, batch {cfg.train.batch_size}, AdamW lr {cfg.train.lr}, "
+        f"T={cfg.diffusion.timesteps} ({cfg.diffusion.schedule} schedule). Config SHA256 `{config_hash(cfg)}`.",
+        "",
+        "## Privacy guarantee, in plain words",
+    ]
+    if certificate:
+        rel = certificate["release"]
+        lines += [
+            rel["statement"],
+            "",
+            f"In plain words: whatever one {rel['unit']} contributed, the released weights would have been "
+            f"almost as likely without it. The chance of any outcome changes by a factor of at most "
+            f"e^{rel['epsilon']:.3g}, except with probability {rel['delta']:g}. Check it yourself: "
+            f"`fedecg privacy verify <this bundle>` recomputes every site's epsilon from the recorded noise, "
+            f"sampling rate and steps with the `{certificate['accountant']}` accountant.",
+        ]
+    else:
+        lines.append("**None.** This generator was trained without differential privacy; do not release it outside the data holders.")
+    lines += [
+        "",
+        "## Intended use",
+        "Research on ECG analysis methods, data augmentation, teaching and pipeline testing, where synthetic "
+        "records stand in for real ones. Sample with `fedecg sample --bundle <bundle> ...`.",
+        "",
+        "## Limitations",
+        "- Not a medical device; synthetic ECGs must not be used for diagnosis or to make claims about patients.",
+        "- 100 Hz, 10 s records only; fine morphology above 50 Hz is absent.",
+        "- Statements and demographics rare in the training sites are generated poorly; check the evaluation.",
+        "- DP protects individual records (or patients with `privacy.unit: patient`); it does not hide "
+        "site-level or population-level properties of the data.",
+        "- Normalization uses fixed public constants, not statistics of any site's data.",
+    ]
+    if evaluation:
+        lines += ["", "## Evaluation", "See evaluation.json in this bundle. Headline numbers:", ""]
+        for key, value in _headline(evaluation):
+            lines.append(f"- {key}: {value}")
+    return "\n".join(lines) + "\n"
+
+
+def _headline(evaluation: dict) -> list[tuple[str, str]]:
+    out = []
+    for section in ("fidelity", "clinical", "memorization", "utility"):
+        block = evaluation.get(section, {})
+        for key, value in block.items():
+            if isinstance(value, (int, float)):
+                out.append((f"{section}.{key}", f"{value:.4g}"))
+    return out[:20]
+
+
+def export_bundle(run_dir: Path, out: Path, evaluation: Path | None = None) -> Path:
+    checkpoint = latest_checkpoint(run_dir)
+    if checkpoint is None:
+        raise FileNotFoundError(f"{run_dir}: no checkpoint to export")
+    _, cfg, normalizer, progress = read_checkpoint(checkpoint)
+    certificate = None
+    files: dict[str, bytes | Path] = {
+        WEIGHTS: checkpoint / WEIGHTS,
+        "config.yaml": yaml.safe_dump(to_dict(cfg), sort_keys=False).encode(),
+        "normalization.json": json.dumps(normalizer.to_dict(), indent=2).encode(),
+        "labels.json": json.dumps(list(SCP_CODES)).encode(),
+    }
+    if (run_dir / "privacy.json").is_file():
+        certificate = json.loads((run_dir / "privacy.json").read_text())
+        problems = verify_certificate(certificate)
+        if problems:
+            raise ValueError(f"{run_dir / 'privacy.json'} does not verify: " + "; ".join(problems))
+        files["privacy.json"] = run_dir / "privacy.json"
+    elif cfg.privacy.enabled:
+        raise FileNotFoundError(f"{run_dir}: privacy is enabled but the run wrote no privacy.json")
+    evaluation_path = evaluation or run_dir / "evaluation.json"
+    evaluation = None
+    if evaluation_path.is_file():
+        evaluation = json.loads(evaluation_path.read_text())
+        files["evaluation.json"] = evaluation_path
+    elif evaluation is not None:
+        raise FileNotFoundError(f"--evaluation {evaluation_path}: no such file")
+    files["MODEL_CARD.md"] = model_card(run_dir, cfg, progress, certificate, evaluation).encode()
+    return write_bundle(out, files)

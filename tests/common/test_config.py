@@ -1,0 +1,69 @@
+"""Config: typed, frozen, strict, overridable, and written with its hash into output directories."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from common.config import Config, ConfigError, RunSpec, config_hash, from_dict, load, save, to_dict
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("name", ["quickstart.yaml", "central_quick.yaml", "ptbxl_sites.yaml"])
+def test_shipped_configs_load(name):
+    cfg = load(ROOT / "configs" / name)
+    assert isinstance(cfg, Config)
+
+
+def test_types_and_override(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("privacy:\n  target_epsilon: 4\n  delta: 1.0e-6\nfederation:\n  rounds: 2\n")
+    cfg = load(path, ["federation.rounds=5", "partition.train_folds=[1,2]", "privacy.noise_multiplier=1.5"])
+    assert cfg.privacy.target_epsilon == 4.0 and isinstance(cfg.privacy.target_epsilon, float)
+    assert cfg.federation.rounds == 5
+    assert cfg.partition.train_folds == (1, 2)
+    assert cfg.privacy.noise_multiplier == 1.5
+    with pytest.raises(Exception):
+        cfg.privacy.delta = 0.1  # frozen
+
+
+def test_unknown_key_names_key_and_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("privacy:\n  target_epsilonn: 4\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml.*privacy\.target_epsilonn"):
+        load(path)
+
+
+def test_unknown_section_and_wrong_type(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("privcy:\n  delta: 1\n")
+    with pytest.raises(ConfigError, match="unknown section 'privcy'"):
+        load(path)
+    path.write_text("federation:\n  rounds: three\n")
+    with pytest.raises(ConfigError, match=r"federation\.rounds: expected an integer"):
+        load(path)
+    path.write_text("privacy:\n  accountant: gdp\n")
+    with pytest.raises(ConfigError, match="accountant"):
+        load(path)
+    with pytest.raises(ConfigError, match=r"train\.steps"):
+        from_dict({}, ["train.steps=1.5"])
+    with pytest.raises(ConfigError, match="expected section.key=value"):
+        from_dict({}, ["rounds=3"])
+
+
+def test_save_writes_resolved_config_with_hash(tmp_path):
+    cfg = from_dict({"model": {"size": "small"}})
+    out = save(cfg, tmp_path)
+    text = out.read_text()
+    assert config_hash(cfg) in text
+    assert from_dict(yaml.safe_load(text)) == cfg
+    assert config_hash(from_dict(to_dict(cfg))) == config_hash(cfg)
+    assert config_hash(from_dict({"model": {"size": "tiny"}})) != config_hash(cfg)
+
+
+def test_run_spec_round_trip():
+    spec = RunSpec("configs/quickstart.yaml", ("federation.rounds=2", "train.lr=0.01"), "runs/x", resume=True, until_round=1)
+    assert RunSpec.from_run_config(spec.to_run_config()) == spec
+    with pytest.raises(ConfigError, match="config-path"):
+        RunSpec.from_run_config({})
