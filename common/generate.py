@@ -20,6 +20,7 @@ from common.data.ptbxl import (
     encode_demographics,
     labels_from_scp_codes,
 )
+from common.plotting import plot_ecg_grid
 from common.train import select_device
 
 SAMPLING_RATE = 100
@@ -118,7 +119,6 @@ def sample_records(
 ) -> pd.DataFrame:
     """`fedecg sample --n N --labels ... --age ... --sex ...`: N records with the same conditions."""
     from common.data.ptbxl import demographics_from_request
-    from common.plotting import plot_ecg_grid
 
     out_dir = Path(out_dir)
     vector = parse_labels(labels, codes)

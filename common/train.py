@@ -173,7 +173,10 @@ def train_local(
 
             DPTensorFastGradientClipping(trained, optimizer, per_sample, "mean").backward()
         else:
-            per_sample.mean().backward()
+            with warnings.catch_warnings():
+                # Opacus' hooks fire on module outputs when the inputs need no grad: expected, harmless.
+                warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                per_sample.mean().backward()
             if budget is None and tc.grad_clip > 0:
                 nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
         optimizer.step()
@@ -230,10 +233,10 @@ def _make_private(model, optimizer, loader, budget: SiteBudget, cfg: Config, gen
     from opacus import PrivacyEngine
 
     mode = cfg.privacy.grad_sample_mode
-    engine = PrivacyEngine(accountant=budget.accountant)
     with warnings.catch_warnings():
-        # Opacus warns about secure RNG; a seeded generator keeps CPU runs reproducible by design.
-        warnings.simplefilter("ignore", UserWarning)
+        # Opacus warns that secure RNG is off: a seeded noise generator keeps runs reproducible by design.
+        warnings.filterwarnings("ignore", message="Secure RNG turned off")
+        engine = PrivacyEngine(accountant=budget.accountant)
         wrapped = engine.make_private(
             module=model,
             optimizer=optimizer,

@@ -143,7 +143,7 @@ def run_server(grid: Grid, context: Context, spec: RunSpec) -> Path:
             _sample_png(cfg, arrays, normalizer, run_dir / f"samples_round{server_round:03d}.png", server_round)
         if fc.evaluate_every and server_round % fc.evaluate_every == 0:
             _monitor(cfg, arrays, normalizer, run_dir, server_round)
-        if exhausted and exhausted >= {_site_name(dict(m.content["metrics"])) for m in ok}:
+        if server_round < last_round and exhausted and exhausted >= {_site_name(dict(m.content["metrics"])) for m in ok}:
             log.warning("round %d: every site has spent its privacy budget; ending the run", server_round)
             break
 

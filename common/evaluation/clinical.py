@@ -10,7 +10,7 @@ A small ECG delineator for lead II at 100 Hz (no external ECG toolbox), in the P
 2. QRS onset/offset. Slope |dx/dt| of the 0.5-40 Hz signal; the steepest slopes before/after R within
    100 ms; walking outwards, the first sample whose slope falls below 15 % of the steeper of the two.
 3. P onset. In 0.5-15 Hz signal, the P peak is the largest deviation from the PR level (the value at QRS
-   onset) 40-250 ms before QRS onset; a P wave needs |amplitude| >= 0.03 mV, else PR is undefined (e.g.
+   onset) 40-250 ms before QRS onset and after the previous T end; a P wave needs |amplitude| >= 0.03 mV, else PR is undefined (e.g.
    atrial fibrillation). P onset: walking back from the P peak (<= 120 ms), the first sample whose deviation
    is below 20 % of the P amplitude.
 4. T end. T peak: the largest deviation from the PR level 80-450 ms after QRS offset (bounded by the next
@@ -191,8 +191,8 @@ def delineate(lead: np.ndarray, fs: int = FS) -> Beats:
         iso = low[on]
         # P wave before QRS onset.
         p_lo, p_hi = on - ms(250), on - ms(40)
-        if i > 0:
-            p_lo = max(p_lo, r[i - 1] + ms(200))
+        if i > 0:  # not into the previous beat: after its T wave when that was found
+            p_lo = max(p_lo, r[i - 1] + ms(200), beats.t_end[i - 1] + 1)
         if p_lo >= 0 and p_hi - p_lo >= 3:
             dev = low[p_lo:p_hi] - iso
             k = int(np.argmax(np.abs(dev)))
@@ -249,7 +249,7 @@ def record_features(lead: np.ndarray, fs: int = FS) -> tuple[dict[str, float], B
         if vals.size:
             out[name] = float(np.median(vals))
     if np.isfinite(out["qt_ms"]) and rr.size >= 1:
-        out["qtc_ms"] = out["qt_ms"] / np.sqrt(float(np.median(rr)))
+        out["qtc_ms"] = float(out["qt_ms"] / np.sqrt(np.median(rr)))
     return out, beats
 
 

@@ -28,7 +28,7 @@ Definitions (the choices are ours where the seed paper leaves them open; see not
 from __future__ import annotations
 
 import numpy as np
-from scipy import linalg, signal
+from scipy import signal
 
 FS = 100
 FLAT_STD_MV = 1e-6
@@ -183,12 +183,13 @@ def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
         raise ValueError(f"Frechet distance needs at least 2 records per set, got {len(a)} and {len(b)}")
     mu_a, mu_b = a.mean(0), b.mean(0)
     cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    covmean, _ = linalg.sqrtm(cov_a @ cov_b, disp=False)
-    if not np.isfinite(covmean).all():  # near-singular product: regularize as in the FID reference code
-        offset = np.eye(a.shape[1]) * 1e-6
-        covmean = linalg.sqrtm((cov_a + offset) @ (cov_b + offset))
-    covmean = np.real(covmean)
-    value = float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * np.trace(covmean))
+    # Tr((S1 S2)^(1/2)) = sum sqrt(eig(S1^(1/2) S2 S1^(1/2))): a symmetric PSD problem, stable even when
+    # the covariances are singular (fewer records than feature dimensions).
+    w, v = np.linalg.eigh(cov_a)
+    sqrt_a = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    inner = np.linalg.eigvalsh(sqrt_a @ cov_b @ sqrt_a)
+    trace_sqrt = float(np.sqrt(np.clip(inner, 0, None)).sum())
+    value = float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * trace_sqrt)
     return max(value, 0.0)
 
 

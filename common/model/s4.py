@@ -16,7 +16,8 @@ u_i with dL/dy_i; two einsums against the shared Vandermonde V(l) = exp(s l) giv
 and a vmapped VJP of the small map theta -> (W, s) finishes the job. The non-private backward uses the same
 formulas (batch-summed G) in a custom autograd function. Splitting positions l = q P + r (P ~ sqrt(L))
 factors the Vandermonde into exp(s q P) and exp(s r), so neither pass ever materialises the (K, H, N, L)
-Vandermonde: kernel and gradients are small matmuls.
+Vandermonde: kernel and gradients are small matmuls. The FFT convolution has its own backward too: two
+real FFT round trips instead of PyTorch's complex-FFT gradient of rfft, and it keeps u, not its spectrum.
 
 Bidirectional layers hold two kernels (K = 2 "directions"): k0 is causal, k1 looks strictly ahead
 (y[l] += sum_m k1[m] u[l + 1 + m]); both live in one two-sided FFT kernel.
@@ -145,6 +146,45 @@ class _VandermondeKernel(torch.autograd.Function):
         return grad_W, grad_s, None
 
 
+class _FFTConvolution(torch.autograd.Function):
+    """y = (k_full circularly convolved with u zero-padded to M)[..., :L], with a real-FFT backward.
+
+    PyTorch differentiates rfft through a full complex FFT; here both gradients are one r2c/c2r round trip:
+    dL/du = correlation of dL/dy with k, dL/dk = correlation of dL/dy with u (summed over the batch in the
+    frequency domain before the inverse transform).
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(u: Tensor, k_full: Tensor) -> Tensor:  # type: ignore[override]
+        size = k_full.shape[-1]
+        length = u.shape[-1]
+        k_f = torch.fft.rfft(k_full, n=size)  # (H M/2+1)
+        u_f = torch.fft.rfft(u, n=size)  # (B H M/2+1)
+        return torch.fft.irfft(u_f * k_f, n=size)[..., :length]  # (B H L)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # type: ignore[override]
+        u, k_full = inputs
+        ctx.save_for_backward(u, k_full)
+
+    @staticmethod
+    def backward(ctx, grad_y: Tensor):  # type: ignore[override]
+        u, k_full = ctx.saved_tensors
+        size = k_full.shape[-1]
+        length = u.shape[-1]
+        g_f = torch.fft.rfft(grad_y, n=size)  # (B H M/2+1)
+        grad_u = grad_k = None
+        if ctx.needs_input_grad[0]:
+            k_f = torch.fft.rfft(k_full, n=size)  # (H M/2+1)
+            grad_u = torch.fft.irfft(g_f * k_f.conj(), n=size)[..., :length]  # (B H L)
+        if ctx.needs_input_grad[1]:
+            u_f = torch.fft.rfft(u, n=size)  # (B H M/2+1)
+            grad_k = torch.fft.irfft((u_f.conj() * g_f).sum(0), n=size)  # (H M)
+        return grad_u, grad_k
+
+
 def _modes(log_dt: Tensor, log_A_real: Tensor, A_imag: Tensor, C: Tensor) -> tuple[Tensor, Tensor]:
     """theta -> (W, s), elementwise per (direction, channel, mode)."""
     dt = torch.exp(log_dt).unsqueeze(-1)  # (K H 1)
@@ -219,9 +259,7 @@ class S4DKernelConv(nn.Module):
         k_full = F.pad(k[0], (0, size - length))  # (H M): causal taps at 0..L-1
         if self.bidirectional:
             k_full = k_full + F.pad(k[1].flip(-1), (size - length, 0))  # (H M): k1[m] at M-1-m
-        k_f = torch.fft.rfft(k_full, n=size)  # (H M/2+1)
-        u_f = torch.fft.rfft(u, n=size)  # (B H M/2+1)
-        y = torch.fft.irfft(u_f * k_f, n=size)[..., :length]  # (B H L)
+        y = _FFTConvolution.apply(u, k_full)  # (B H L)
         return y + u * self.D.unsqueeze(-1)  # (B H L)
 
     def per_sample_grads(self, u: Tensor, grad_y: Tensor) -> dict[nn.Parameter, Tensor]:

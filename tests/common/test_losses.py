@@ -11,6 +11,16 @@ from common.config import MidtConfig
 from common.losses import MelSpectrogramLoss, mel_filterbank
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny tensors: one thread is as fast, and immune to OpenMP stalls when other processes share the cores.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+
 def _htk_mel(f: float) -> float:
     return 2595.0 * math.log10(1.0 + f / 700.0)
 

@@ -11,11 +11,22 @@ from opacus.utils.per_sample_gradients_utils import check_per_sample_gradients_a
 from common.model.s4 import (
     S4Block,
     S4DKernelConv,
+    _FFTConvolution,
     _VandermondeKernel,
     modules_on_functorch_fallback,
     next_fast_len,
     s4d_functorch_fallback,
 )
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny tensors: one thread is as fast, and immune to OpenMP stalls when other processes share the cores.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 
 
 def _is_5_smooth(n: int) -> bool:
@@ -61,6 +72,21 @@ def _recurrence(layer: S4DKernelConv, u: torch.Tensor) -> torch.Tensor:
     return y
 
 
+def _plain_autograd_forward(layer: S4DKernelConv, u: torch.Tensor) -> torch.Tensor:
+    """The layer's forward with PyTorch's own autograd throughout (a materialised Vandermonde, no custom
+    backward), so per-sample gradients are checked against an independent derivation."""
+    W, s = layer.modes()
+    length = u.shape[-1]
+    V = torch.exp(s.unsqueeze(-1) * torch.arange(length, dtype=torch.float64))  # (K H N L)
+    k = 2 * torch.einsum("khn,khnl->khl", W, V).real  # (K H L)
+    size = 2 * length
+    k_full = torch.nn.functional.pad(k[0], (0, size - length))
+    if layer.bidirectional:
+        k_full = k_full + torch.nn.functional.pad(k[1].flip(-1), (size - length, 0))
+    y = torch.fft.irfft(torch.fft.rfft(u, n=size) * torch.fft.rfft(k_full, n=size), n=size)[..., :length]
+    return y + u * layer.D.unsqueeze(-1)
+
+
 def test_next_fast_len_is_the_smallest_5_smooth_size() -> None:
     for n in range(1, 2100):
         size = next_fast_len(n)
@@ -95,6 +121,12 @@ def test_analytic_kernel_backward_passes_gradcheck() -> None:
         assert torch.autograd.gradcheck(lambda w, z: _VandermondeKernel.apply(w, z, length), (W, s))
 
 
+def test_fft_convolution_backward_passes_gradcheck() -> None:
+    u = torch.randn(2, 3, 9, dtype=torch.float64, requires_grad=True)
+    k_full = torch.randn(3, 18, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(_FFTConvolution.apply, (u, k_full))
+
+
 @pytest.mark.parametrize("bidirectional", [False, True])
 def test_per_sample_gradients_match_a_per_example_loop(bidirectional: bool) -> None:
     layer = _layer(bidirectional=bidirectional)
@@ -104,7 +136,7 @@ def test_per_sample_gradients_match_a_per_example_loop(bidirectional: bool) -> N
     assert set(per_sample) == set(layer.parameters())
     for i in range(u.shape[0]):
         layer.zero_grad()
-        (layer(u[i : i + 1]) * grad_y[i : i + 1]).sum().backward()
+        (_plain_autograd_forward(layer, u[i : i + 1]) * grad_y[i : i + 1]).sum().backward()
         for name, param in layer.named_parameters():
             assert param.grad.abs().max() > 0, name
             torch.testing.assert_close(per_sample[param][i], param.grad, atol=1e-9, rtol=1e-6, msg=name)

@@ -1,0 +1,170 @@
+"""Per-sample gradients of the full tiny denoiser under Opacus, with the eps + MIDT mel loss, against a
+per-example loop: the registered S4D sampler, the functorch fallback, ghost-clipping norms, noise
+multiplicity, and one private optimizer step."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+from opacus import GradSampleModule, PrivacyEngine
+from opacus.grad_sample import GradSampleModuleFastGradientClipping
+from opacus.utils.per_sample_gradients_utils import compute_grad_samples_microbatch_and_opacus
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from common.config import DiffusionConfig, MidtConfig, ModelConfig
+from common.diffusion import GaussianDiffusion, merge_noise_draws
+from common.losses import MelSpectrogramLoss
+from common.model.denoiser import build_denoiser
+from common.model.s4 import S4DKernelConv, modules_on_functorch_fallback, s4d_functorch_fallback
+
+LENGTH = 96
+MEL_WEIGHT = 0.5  # larger than MIDT's 0.02 so the mel term visibly shapes the gradients
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny tensors: one thread is as fast, and immune to OpenMP stalls when other processes share the cores.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class PerExampleLoss(nn.Module):
+    """(x0, labels, demographics, t, noise, cond_keep) -> per-example eps + mel loss [B]; Opacus wraps it whole.
+
+    The random draws are inputs, so a per-example replay sees exactly the same noise and timesteps.
+    """
+
+    def __init__(self, multiplicity: int = 1) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.model = build_denoiser(ModelConfig(size="tiny")).double()
+        nn.init.normal_(self.model.output_proj.weight, std=0.1)  # leave the zero init so every layer gets gradient
+        self.diffusion = GaussianDiffusion(DiffusionConfig())
+        self.mel = MelSpectrogramLoss(MidtConfig(n_fft=(64, 32), hop_length=(16, 8), n_mels=8)).double()
+        self.multiplicity = multiplicity
+
+    def forward(self, x0: Tensor, labels: Tensor, demographics: Tensor, t: Tensor, noise: Tensor, keep: Tensor) -> Tensor:
+        return self.diffusion.training_losses(
+            self.model,
+            x0,
+            labels,
+            demographics,
+            mel_loss=self.mel,
+            mel_weight=MEL_WEIGHT,
+            mel_target="posterior_mean",
+            noise_multiplicity=self.multiplicity,
+            t=t,
+            noise=noise,
+            cond_keep=keep,
+        )["loss"]
+
+
+def _batch(batch: int = 3, multiplicity: int = 1, seed: int = 0) -> tuple[Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    draws = (batch, multiplicity) if multiplicity > 1 else (batch,)
+    return (
+        torch.randn(batch, 8, LENGTH, generator=g, dtype=torch.float64),
+        (torch.rand(batch, 71, generator=g) < 0.2).double(),
+        torch.randn(batch, 8, generator=g, dtype=torch.float64),
+        torch.randint(0, 200, draws, generator=g),
+        torch.randn(*draws, 8, LENGTH, generator=g, dtype=torch.float64),
+        (torch.rand(draws, generator=g) > 0.4).double(),
+    )
+
+
+def _per_example(batch: tuple[Tensor, ...]):
+    return (tuple(v[i : i + 1] for v in batch) for i in range(batch[0].shape[0]))
+
+
+def _loop_grads(module: PerExampleLoss, batch: tuple[Tensor, ...]) -> dict[str, Tensor]:
+    """Reference: one backward pass per example."""
+    rows: dict[str, list[Tensor]] = {name: [] for name, _ in module.named_parameters()}
+    for example in _per_example(batch):
+        module.zero_grad()
+        module(*example).sum().backward()
+        for name, param in module.named_parameters():
+            rows[name].append(param.grad.detach().clone())
+    return {name: torch.stack(grads) for name, grads in rows.items()}
+
+
+def _assert_same(reference: dict[str, Tensor], opacus: dict[str, Tensor]) -> None:
+    assert reference.keys() == opacus.keys()
+    for name, expected in reference.items():
+        torch.testing.assert_close(opacus[name], expected, atol=1e-9, rtol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("s4d_path", ["sampler", "functorch_fallback"])
+def test_full_denoiser_per_sample_gradients_with_mel_loss(s4d_path: str) -> None:
+    loss_module = PerExampleLoss()
+    assert modules_on_functorch_fallback(loss_module) == []
+    batch = _batch()
+    fallback = s4d_functorch_fallback() if s4d_path == "functorch_fallback" else contextlib.nullcontext()
+    with fallback:
+        for reduction in ("sum", "mean"):
+            reference, opacus = compute_grad_samples_microbatch_and_opacus(
+                batch, loss_module, loss_reduction=reduction, grad_sample_mode="hooks", chunk_method=_per_example
+            )
+            _assert_same(reference, opacus)
+    s4d_grads = [reference[f"model.blocks.0.s4_after.conv.{name}"] for name in ("log_dt", "log_A_real", "A_imag", "C", "D")]
+    assert all(g.abs().max() > 0 for g in s4d_grads)  # the comparison is not vacuous
+
+
+def test_ghost_clipping_norms_match_the_loop() -> None:
+    loss_module = PerExampleLoss()
+    batch = _batch(batch=4, seed=1)
+    reference = _loop_grads(loss_module, batch)
+    expected_norms = torch.stack([g.flatten(1).norm(dim=1) for g in reference.values()]).norm(dim=0)  # (B)
+    wrapped = GradSampleModuleFastGradientClipping(loss_module, loss_reduction="sum", use_ghost_clipping=True)
+    wrapped(*batch).sum().backward()
+    torch.testing.assert_close(wrapped.get_norm_sample(), expected_norms, atol=1e-9, rtol=1e-6)
+    wrapped._close()
+
+
+def test_noise_multiplicity_gradients_are_merged_per_example() -> None:
+    loss_module = PerExampleLoss(multiplicity=2)
+    batch = _batch(batch=3, multiplicity=2, seed=2)
+    reference = _loop_grads(loss_module, batch)
+    wrapped = GradSampleModule(loss_module, loss_reduction="mean")
+    wrapped(*batch).mean().backward()
+    some = next(iter(loss_module.parameters()))
+    assert some.grad_sample.shape[0] == 6  # Opacus sees B*K rows ...
+    merge_noise_draws(loss_module, 2)
+    assert some.grad_sample.shape[0] == 3  # ... merged into one gradient per example
+    _assert_same(reference, {name: p.grad_sample for name, p in loss_module.named_parameters()})
+    wrapped._close()
+    with pytest.raises(ValueError, match="not a multiple of K=4"):
+        some.grad_sample = torch.zeros(6, *some.shape)
+        merge_noise_draws(loss_module, 4)
+
+
+def test_one_private_step_with_opacus() -> None:
+    torch.manual_seed(0)
+    model = build_denoiser(ModelConfig(size="tiny"))
+    diffusion = GaussianDiffusion(DiffusionConfig())
+    mel = MelSpectrogramLoss(MidtConfig())
+    data = TensorDataset(torch.randn(8, 8, LENGTH), (torch.rand(8, 71) < 0.1).float(), torch.randn(8, 8))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    engine = PrivacyEngine(accountant="rdp")
+    private, optimizer, loader = engine.make_private(
+        module=model,
+        optimizer=optimizer,
+        data_loader=DataLoader(data, batch_size=4),
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        poisson_sampling=False,
+    )
+    x0, labels, demographics = next(iter(loader))
+    losses = diffusion.training_losses(private, x0, labels, demographics, mel_loss=mel, mel_weight=0.02, cond_dropout=0.5)
+    losses["loss"].mean().backward()
+    conv = next(m for m in model.modules() if isinstance(m, S4DKernelConv))
+    assert conv.C.grad_sample.shape == (4, *conv.C.shape)
+    optimizer.step()
+    changed = [name for name, p in model.named_parameters() if not torch.equal(p, before[name])]
+    assert len(changed) == len(before)  # noise reaches every parameter
+    assert engine.get_epsilon(delta=1e-5) > 0

@@ -1,0 +1,110 @@
+"""evaluation.json follows its documented schema; `fedecg evaluate` runs end to end on two small folders."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+
+from common.evaluation import report
+from simulations.cli import main
+from tests.common.eval_fixtures import make_eval_folders, one_torch_thread  # noqa: F401 (fixture)
+
+TINY_SETTINGS = [
+    "evaluation.classifier_epochs=1",
+    "evaluation.classifier_min_steps=2",
+    "evaluation.low_data_sizes=[8, 16]",
+    "evaluation.max_clinical_records=40",
+]
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory) -> tuple[Path, Path]:
+    return make_eval_folders(tmp_path_factory.mktemp("eval-folders"))
+
+
+@pytest.fixture(scope="module")
+def evaluated(folders, tmp_path_factory) -> Path:
+    import torch
+
+    real, synthetic = folders
+    out = tmp_path_factory.mktemp("eval-out")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        overrides = [arg for s in TINY_SETTINGS + [f"data.cache_dir={out / 'cache'}"] for arg in ("--set", s)]
+        code = main(["evaluate", "--synthetic", str(synthetic), "--data", str(real), "--out", str(out), "--quiet", *overrides])
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0
+    return out
+
+
+def test_two_folder_mode_writes_a_valid_evaluation_json(evaluated, folders):
+    result = json.loads((evaluated / "evaluation.json").read_text())
+    report.validate(result)  # raises on any departure from the documented schema
+    assert result["mode"] == "folders" and result["quick"] is False
+    inputs = result["inputs"]
+    assert inputs["pairing"] == "ecg_id"  # the synthetic folder reuses real training ids, like sample_like
+    assert (inputs["n_real_train"], inputs["n_real_test"], inputs["n_synthetic"]) == (64, 8, 24)
+    assert result["memorization"]["mia"] is None  # no generator in this mode
+    assert [row["n_real"] for row in result["utility"]["low_data"]] == [8, 16]
+    assert result["utility"]["trtr_matched"]["n_train"] == 24
+    assert 0.0 <= result["memorization"]["dcr_share_closer_to_train"] <= 1.0
+    # the fixtures store derived limb leads: lead-system residuals are quantization-sized
+    assert result["clinical"]["einthoven"]["synthetic"]["max_relation"] < 0.02
+
+
+def test_report_lists_every_section_and_its_plots(evaluated):
+    result = json.loads((evaluated / "evaluation.json").read_text())
+    text = (evaluated / "report.md").read_text()
+    for section in ("## Fidelity", "## Clinical coherence", "## Memorization", "## Utility"):
+        assert section in text
+    assert set(result["plots"]) >= {"interlead_correlation", "psd", "clinical_features", "dcr", "utility", "examples"}
+    for rel in result["plots"].values():
+        assert (evaluated / rel).is_file() and (evaluated / rel).stat().st_size > 1000
+        assert f"]({rel})" in text
+
+
+def test_second_run_reuses_the_cached_classifiers(evaluated, folders, tmp_path):
+    cache = evaluated / "cache" / "classifiers"
+    before = sorted(p.name for p in cache.glob("*.safetensors"))
+    assert before  # TRTR, TSTR, low-data, age and sex models
+    real, synthetic = folders
+    overrides = [arg for s in TINY_SETTINGS + [f"data.cache_dir={evaluated / 'cache'}"] for arg in ("--set", s)]
+    assert main(["evaluate", "--synthetic", str(synthetic), "--data", str(real), "--out", str(tmp_path), "--quiet", *overrides]) == 0
+    assert sorted(p.name for p in cache.glob("*.safetensors")) == before
+    first = json.loads((evaluated / "evaluation.json").read_text())
+    second = json.loads((tmp_path / "evaluation.json").read_text())
+    assert second["utility"] == first["utility"] and second["fidelity"] == first["fidelity"]
+
+
+def test_schema_rejects_malformed_reports(evaluated):
+    good = json.loads((evaluated / "evaluation.json").read_text())
+    cases = [
+        (lambda r: r["fidelity"].pop("interlead_corr_error"), "missing key 'interlead_corr_error'"),
+        (lambda r: r["utility"]["tstr"].__setitem__("macro_auroc_superclasses", 1.3), "above the maximum"),
+        (lambda r: r.__setitem__("mode", "other"), "not one of"),
+        (lambda r: r["memorization"].__setitem__("near_copy_rate", "low"), "expected number"),
+        (lambda r: r["inputs"].__setitem__("surprise", 1), "unexpected key 'surprise'"),
+        (lambda r: r["fidelity"].__setitem__("frechet_distance", float("nan")), "expected number or null"),
+    ]
+    for mutate, message in cases:
+        bad = copy.deepcopy(good)
+        mutate(bad)
+        with pytest.raises(report.SchemaError, match=message):
+            report.validate(bad)
+
+
+def test_bad_command_lines_fail_with_a_clear_message(folders, tmp_path, capsys):
+    real, synthetic = folders
+    assert main(["evaluate", "--synthetic", str(tmp_path), "--data", str(real), "--out", str(tmp_path / "o")]) == 2
+    assert "no ptbxl_database.csv" in capsys.readouterr().err
+    assert main(["evaluate", "--synthetic", str(synthetic), "--data", str(real), "--out", str(tmp_path / "o"),
+                 "--set", "model.size=sssd"]) == 2
+    assert "evaluate accepts evaluation.*" in capsys.readouterr().err
+    assert main(["evaluate", "--synthetic", str(synthetic), "--data", str(real), "--out", str(tmp_path / "o"),
+                 "--set", "evaluation.test_folds=[10]"]) == 2
+    assert "no real records in evaluation.test_folds=[10]" in capsys.readouterr().err

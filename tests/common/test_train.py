@@ -1,0 +1,110 @@
+"""The one training loop: determinism, DP budgets that are never overspent, FedProx, EMA."""
+
+import math
+
+import pytest
+import torch
+
+from common.config import from_dict
+from common.diffusion import GaussianDiffusion
+from common.model.denoiser import build_denoiser
+from common.privacy import epsilon_of, plan_budget
+from common.train import EMA, TrainingData, train_local
+
+
+def _data(n=24, length=1000, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    t = torch.linspace(0, 10, length)
+    base = torch.sin(2 * math.pi * 1.2 * t)[None, None, :].repeat(n, 8, 1)
+    signals = base + 0.1 * torch.randn(n, 8, length, generator=g)
+    labels = (torch.rand(n, 71, generator=g) < 0.05).float()
+    demographics = torch.zeros(n, 8)
+    return TrainingData(signals, labels, demographics)
+
+
+def _cfg(**privacy):
+    return from_dict({
+        "model": {"size": "tiny"},
+        "diffusion": {"timesteps": 50},
+        "train": {"batch_size": 8, "lr": 1e-3, "device": "cpu", "log_every": 1},
+        "privacy": {"accountant": "rdp", **privacy},
+    })
+
+
+def _weights(model):
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def test_deterministic_under_seed_on_cpu():
+    cfg = _cfg(enabled=False)
+    results = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = build_denoiser(cfg.model)
+        train_local(model, GaussianDiffusion(cfg.diffusion), _data(), cfg, steps=3, seed=7, progress=False)
+        results.append(_weights(model))
+    assert torch.equal(results[0], results[1])
+
+
+def test_private_training_composes_into_the_budget():
+    cfg = _cfg(target_epsilon=5.0)
+    data = _data()
+    budget = plan_budget("a", cfg.privacy, cfg.train.batch_size, len(data), len(data), 1, planned_steps=6)
+    assert budget.sample_rate == pytest.approx(1 / 3)
+    model = build_denoiser(cfg.model)
+    before = _weights(model).clone()
+    first = train_local(model, GaussianDiffusion(cfg.diffusion), data, cfg, steps=3, budget=budget, progress=False)
+    assert first.steps == 3 and budget.steps == 3 and not first.budget_exhausted
+    assert not torch.equal(before, _weights(model))
+    # Hooks are removed after the round: the plain module is reusable and serializable.
+    assert not any(hasattr(p, "grad_sample") and p.grad_sample is not None for p in model.parameters())
+    second = train_local(model, GaussianDiffusion(cfg.diffusion), data, cfg, steps=3, budget=budget, progress=False)
+    assert second.steps == 3 and budget.steps == 6
+    assert budget.epsilon() == pytest.approx(epsilon_of([(budget.noise_multiplier, budget.sample_rate, 6)], 1e-5, "rdp"))
+    assert budget.epsilon() <= 5.0
+    assert second.budget_exhausted  # the planned steps are spent
+
+
+def test_overspending_run_stops_at_the_budget():
+    # Fixed noise that is far too low for the target: the site must stop early and say so.
+    cfg = _cfg(target_epsilon=3.0, noise_multiplier=1.5)
+    data = _data()
+    budget = plan_budget("a", cfg.privacy, cfg.train.batch_size, len(data), len(data), 1, planned_steps=50)
+    model = build_denoiser(cfg.model)
+    result = train_local(model, GaussianDiffusion(cfg.diffusion), data, cfg, steps=50, budget=budget, progress=False)
+    assert 0 < result.steps < 50
+    assert result.budget_exhausted
+    assert budget.epsilon() <= 3.0
+    assert epsilon_of([(1.5, budget.sample_rate, result.steps + 1)], 1e-5, "rdp") > 3.0
+    again = train_local(model, GaussianDiffusion(cfg.diffusion), data, cfg, steps=5, budget=budget, progress=False)
+    assert again.steps == 0 and again.budget_exhausted and budget.steps == result.steps
+
+
+def test_proximal_step_pulls_towards_the_global_weights():
+    cfg = _cfg(enabled=False)
+    drift = {}
+    for mu in (0.0, 50.0):
+        torch.manual_seed(0)
+        model = build_denoiser(cfg.model)
+        start = _weights(model).clone()
+        train_local(model, GaussianDiffusion(cfg.diffusion), _data(), cfg, steps=4, proximal_mu=mu, seed=1, progress=False)
+        drift[mu] = float((_weights(model) - start).norm())
+    assert drift[50.0] < drift[0.0]
+
+
+def test_ema_tracks_weights():
+    cfg = _cfg(enabled=False)
+    model = build_denoiser(cfg.model)
+    ema = EMA(model, decay=0.5)
+    train_local(model, GaussianDiffusion(cfg.diffusion), _data(), cfg, steps=2, ema=ema, progress=False)
+    name, value = next((k, v) for k, v in model.state_dict().items() if v.is_floating_point() and v.abs().sum() > 0)
+    assert not torch.equal(ema.shadow[name], value)
+    ema.copy_to(model)
+    assert torch.equal(model.state_dict()[name], ema.shadow[name])
+
+
+def test_empty_training_set_is_an_error():
+    cfg = _cfg(enabled=False)
+    empty = TrainingData(torch.zeros(0, 8, 1000), torch.zeros(0, 71), torch.zeros(0, 8))
+    with pytest.raises(ValueError, match="no training records"):
+        train_local(build_denoiser(cfg.model), GaussianDiffusion(cfg.diffusion), empty, cfg, steps=1, progress=False)

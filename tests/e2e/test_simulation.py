@@ -1,0 +1,118 @@
+"""The federation end to end on Flower's simulation engine, resume, export, verify and sample from the bundle."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import wfdb
+
+from common.bundle import BundleError, load_generator, load_weights
+from common.config import RunSpec
+from common.privacy import verify_certificate
+from simulations.export import export_bundle
+from simulations.simulate import simulate
+from tests.run_configs import tiny_run_config
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def federation(_tiny_ptbxl_template, tmp_path_factory):
+    """One uninterrupted 3-round run, and the same run stopped after round 2 and resumed."""
+    base = tmp_path_factory.mktemp("federation")
+    config = tiny_run_config(_tiny_ptbxl_template.root, base, federation={"rounds": 3, "local_steps": 2, "min_sites": 2, "sample_every": 3})
+    straight = base / "straight"
+    simulate(RunSpec(str(config), (), str(straight)))
+    interrupted = base / "interrupted"
+    simulate(RunSpec(str(config), (), str(interrupted), until_round=2))
+    stopped_after = sorted(p.name for p in (interrupted / "checkpoints").glob("round_*"))
+    simulate(RunSpec(str(interrupted / "config.yaml"), (), str(interrupted), resume=True))
+    return {"straight": straight, "interrupted": interrupted, "stopped_after": stopped_after, "base": base}
+
+
+def test_two_site_simulation_runs_end_to_end(federation):
+    run = federation["straight"]
+    assert sorted(p.name for p in (run / "checkpoints").glob("round_*")) == ["round_0001", "round_0002", "round_0003"]
+    rows = (run / "metrics.csv").read_text().splitlines()
+    sites = {line.split(",")[1] for line in rows[1:]}
+    assert sites == {"site-0", "site-1", "global"}
+    certificate = json.loads((run / "privacy.json").read_text())
+    assert verify_certificate(certificate) == []
+    assert len(certificate["sites"]) == 2
+    assert all(0 < s["epsilon"] <= s["target_epsilon"] for s in certificate["sites"])
+    assert all(s["steps"] == 6 for s in certificate["sites"])
+    assert (run / "samples_round003.png").stat().st_size > 10_000
+    assert (run / "rounds.png").is_file()
+
+
+def test_resumed_run_gives_the_same_weights(federation):
+    assert federation["stopped_after"] == ["round_0001", "round_0002"]
+    a = load_weights(federation["straight"] / "checkpoints" / "round_0003" / "model.safetensors")
+    b = load_weights(federation["interrupted"] / "checkpoints" / "round_0003" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    ca = json.loads((federation["straight"] / "privacy.json").read_text())
+    cb = json.loads((federation["interrupted"] / "privacy.json").read_text())
+    assert [s["epsilon"] for s in ca["sites"]] == [s["epsilon"] for s in cb["sites"]]
+
+
+def _fedecg(*args):
+    return subprocess.run([sys.executable, "-m", "simulations.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_bundle_export_verify_and_sample(federation, _tiny_ptbxl_template):
+    bundle = export_bundle(federation["straight"], federation["base"] / "bundle")
+    card = (bundle / "MODEL_CARD.md").read_text()
+    assert "Privacy guarantee" in card and "site-0" in card
+    verified = _fedecg("privacy", "verify", str(bundle))
+    assert verified.returncode == 0, verified.stderr
+    assert "OK" in verified.stdout
+    out = federation["base"] / "samples"
+    sampled = _fedecg("sample", "--bundle", str(bundle), "--n", "2", "--labels", "IMI", "--age", "67", "--sex", "female",
+                      "--out", str(out), "--quiet")
+    assert sampled.returncode == 0, sampled.stderr
+    signal, fields = wfdb.rdsamp(str(out / "records100" / "synthetic_00000"))
+    assert signal.shape == (1000, 12) and fields["fs"] == 100 and fields["units"] == ["mV"] * 12
+    assert (out / "conditions.csv").is_file() and (out / "samples.png").is_file()
+    like = federation["base"] / "like"
+    liked = _fedecg("sample", "--bundle", str(bundle), "--like", str(_tiny_ptbxl_template.root / "ptbxl_database.csv"),
+                    "--n", "3", "--out", str(like), "--quiet")
+    assert liked.returncode == 0, liked.stderr
+    # The synthetic cohort is a PTB-XL folder: same ids, readable by the project's own data layer.
+    from common.config import DataConfig
+    from common.data.ptbxl import load_dataset, read_metadata_table
+
+    source = read_metadata_table(_tiny_ptbxl_template.root / "ptbxl_database.csv").iloc[:3]
+    synthetic = load_dataset(DataConfig(root=str(like), cache_dir=str(federation["base"] / "cache")), progress=False)
+    assert list(synthetic.ecg_ids) == list(source.index)
+    assert synthetic.signals.shape == (3, 8, 1000)
+
+
+def test_corrupted_bundle_is_refused(federation):
+    bundle = federation["base"] / "bundle-corrupt"
+    export_bundle(federation["straight"], bundle)
+    weights = bundle / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="model.safetensors: SHA256 mismatch"):
+        load_generator(bundle)
+    result = _fedecg("privacy", "verify", str(bundle))
+    assert result.returncode == 1 and "SHA256 mismatch" in result.stderr
+
+
+def test_privacy_verify_catches_a_tampered_certificate(federation):
+    run = federation["base"] / "tampered"
+    shutil.copytree(federation["straight"], run)
+    certificate = json.loads((run / "privacy.json").read_text())
+    certificate["sites"][0]["epsilon"] /= 2
+    certificate["release"]["epsilon"] = max(s["epsilon"] for s in certificate["sites"])
+    (run / "privacy.json").write_text(json.dumps(certificate))
+    result = _fedecg("privacy", "verify", str(run))
+    assert result.returncode == 1
+    assert "recomputed epsilon" in result.stderr
