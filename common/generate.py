@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from common.bundle import Generator
 from common.data.ptbxl import (
+    DERIVED_COLUMNS,
     LEADS,
     demographics_from_metadata,
     derive_leads,
@@ -174,7 +175,7 @@ def sample_like(
     labels = labels_from_scp_codes(meta["scp_codes"], codes)
     values, present = demographics_from_metadata(meta)
     signals = generate(gen, labels, values, present, seed=seed, batch_size=batch_size, progress=progress)
-    table = meta.copy()
+    table = meta.drop(columns=[c for c in DERIVED_COLUMNS if c in meta.columns])
     filenames = []
     for i, ecg_id in enumerate(tqdm(meta.index, desc="writing", disable=not progress, leave=False)):
         folder = f"{(int(ecg_id) // 1000) * 1000:05d}"

@@ -48,10 +48,10 @@ def plot_ecg_grid(
                 ax.plot(t, record[LEAD_NAMES.index(name), segment] + baseline, color="black", linewidth=0.6)
                 ax.text(t[0] + 0.02, baseline + 0.9, name, fontsize=7)
         ax.set_xlim(0, length / sampling_rate)
-        ax.set_ylim(-4 * offset_step - 1.5, 1.8)
+        ax.set_ylim(-3 * offset_step - 1.5, 1.8)
         # ECG paper: minor grid 0.04 s / 0.1 mV, major 0.2 s / 0.5 mV
         ax.set_xticks(np.arange(0, length / sampling_rate + 1e-9, 0.2))
-        ax.set_yticks(np.arange(-4 * offset_step - 1.5, 1.81, 0.5))
+        ax.set_yticks(np.arange(-3 * offset_step - 1.5, 1.81, 0.5))
         ax.grid(True, color="#f4a6a6", linewidth=0.4)
         ax.tick_params(labelbottom=row == n - 1, labelleft=False, length=0, labelsize=6)
         if titles is not None and row < len(titles):

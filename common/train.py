@@ -87,6 +87,7 @@ class TrainResult:
     seconds: float
     log: list[dict[str, float]] = field(default_factory=list)
     budget_exhausted: bool = False
+    empty_batches: int = 0  # Poisson batches with no example: noise-only steps
 
 
 def _batches(loader: DataLoader):
@@ -141,6 +142,7 @@ def train_local(
 
     totals = {"loss": 0.0, "eps": 0.0, "mel": 0.0}
     examples = 0
+    empty_batches = 0
     log: list[dict[str, float]] = []
     window = {"loss": 0.0, "eps": 0.0, "mel": 0.0, "n": 0}
     start = time.perf_counter()
@@ -152,7 +154,11 @@ def train_local(
         optimizer.zero_grad(set_to_none=True)
         if x0.shape[0] == 0:
             # A Poisson batch can be empty; the step still happens (noise only) and is accounted.
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
             optimizer.step()
+            empty_batches += 1
             bar.update(1)
             continue
         with _autocast(device, tc.mixed_precision):
@@ -162,7 +168,7 @@ def train_local(
                 labels,
                 demographics,
                 mel_loss=mel_loss,
-                mel_weight=cfg.midt.weight,
+                mel_weight=cfg.midt.weight if mel_loss is not None else 0.0,
                 mel_target=cfg.midt.target,
                 cond_dropout=cfg.model.cond_dropout,
                 noise_multiplicity=cfg.midt.noise_multiplicity,
@@ -226,6 +232,7 @@ def train_local(
         seconds=time.perf_counter() - start,
         log=log,
         budget_exhausted=budget is not None and budget.affordable(1) == 0,
+        empty_batches=empty_batches,
     )
 
 

@@ -269,7 +269,7 @@ def free_ports(count: int) -> list[int]:
 
 
 def flower_executable(name: str) -> str:
-    """A Flower console script from this interpreter's environment (Flower also calls its helpers by name)."""
+    """A Flower console script from this interpreter's environment (Flower starts its sub-commands by name too)."""
     candidate = Path(sys.executable).parent / name
     if candidate.is_file():
         return str(candidate)
@@ -353,10 +353,14 @@ def write_toml_table(path: Path, values: dict[str, Any]) -> Path:
 
 
 def write_superlink_connection(flwr_home: Path, name: str, address: str) -> Path:
-    """The flwr CLI's connection to a SuperLink. Flower 1.42 keeps these in FLWR_HOME/config.toml, not pyproject."""
+    """The flwr CLI's connection to a SuperLink. Flower 1.42 keeps these in FLWR_HOME/config.toml, not pyproject.
+
+    `address = ":local:"` is Flower's marker for "start a local simulation SuperLink when none answers".
+    """
     flwr_home.mkdir(parents=True, exist_ok=True)
     path = flwr_home / "config.toml"
-    path.write_text(f'[superlink]\ndefault = "{name}"\n\n[superlink.{name}]\naddress = "{address}"\ninsecure = true\n')
+    insecure = "" if address == ":local:" else "insecure = true\n"
+    path.write_text(f'[superlink]\ndefault = "{name}"\n\n[superlink.{name}]\naddress = "{address}"\n{insecure}')
     return path
 
 
@@ -638,6 +642,9 @@ def run_flwr_local_simulation(
     env["FLWR_LOCAL_CONTROL_API_PORT"] = str(control_port)
     supervisor = Supervisor(run_dir / "logs", env, app)
     cpus = max(1, int(cfg.federation.num_cpus_per_site))
+    # The connection `flwr run . local-simulation` names; if pyproject.toml still has [tool.flwr.federations],
+    # Flower's migration rewrites it with the same local address.
+    write_superlink_connection(flwr_home, LOCAL_SIMULATION, ":local:")
 
     def adopt_new() -> None:
         if "local-superlink" not in supervisor.roots:

@@ -108,3 +108,17 @@ def test_empty_training_set_is_an_error():
     empty = TrainingData(torch.zeros(0, 8, 1000), torch.zeros(0, 71), torch.zeros(0, 8))
     with pytest.raises(ValueError, match="no training records"):
         train_local(build_denoiser(cfg.model), GaussianDiffusion(cfg.diffusion), empty, cfg, steps=1, progress=False)
+
+
+def test_empty_poisson_batches_still_step_and_count():
+    # q = 1/24 over 24 records: about a third of Poisson batches are empty; each is a noise-only step.
+    cfg = from_dict({
+        "model": {"size": "tiny"}, "diffusion": {"timesteps": 50},
+        "train": {"batch_size": 1, "device": "cpu"}, "privacy": {"accountant": "rdp", "target_epsilon": 50.0},
+    })
+    data = _data(n=24)
+    budget = plan_budget("a", cfg.privacy, 1, len(data), len(data), 1, planned_steps=6)
+    result = train_local(build_denoiser(cfg.model), GaussianDiffusion(cfg.diffusion), data, cfg, steps=6,
+                         budget=budget, seed=3, progress=False)
+    assert result.steps == 6 and budget.steps == 6
+    assert result.empty_batches > 0
