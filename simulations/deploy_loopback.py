@@ -45,7 +45,7 @@ from common.config import Config, ConfigError, load
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 LOOPBACK = "127.0.0.1"
 CONNECTION = "fedecg-loopback"  # the SuperLink connection written into the flwr CLI's config.toml
-LOCAL_SIMULATION = "local-simulation"  # the federation name in pyproject.toml
+LOCAL_SIMULATION = "local-simulation"  # a local-simulation connection written into FLWR_HOME/config.toml
 PROC = Path("/proc")
 
 
