@@ -8,15 +8,17 @@ wrap the denoiser alone. The model is any callable
 Training (`training_losses`) returns per-example losses [B] (eps MSE + mel_weight * MIDT mel loss), because
 DP-SGD clips per example and ghost clipping needs the [B] vector. With noise multiplicity K each example's
 loss averages K (noise, timestep) draws (DPDM). The batch is repeated example-major inside
-(rows i*K .. i*K+K-1 belong to example i), so under Opacus' hook modes the model sees B*K rows and produces
-B*K per-row gradients: call `merge_noise_draws(model, K)` after backward and before the optimizer step so
-that clipping sees one gradient per example (ghost clipping cannot merge per-row norms and needs K = 1).
+(rows i*K .. i*K+K-1 belong to example i), so under Opacus the model sees B*K rows and computes B*K
+per-row gradients; clipping those would bound each draw, not each example (a K-fold privacy loss). So
+`training_losses` queues `merge_noise_draws` to run when the backward pass ends: every per-sample gradient
+becomes the mean of its example's K rows before the optimizer clips. Fast/ghost clipping computes per-row
+norms that cannot be merged, so K > 1 is refused there.
 
 MIDT mel target (midt.target):
-  * "posterior_mean": mel loss between mu_theta = posterior mean of q(x_{t-1} | x_t, x0_hat) and
-    mu = posterior mean of q(x_{t-1} | x_t, x0) with the true x0; the choice reported for the public MIDT code.
-    Both means share the coef2 * x_t term, and the error is scaled by coef1, which keeps the term bounded
-    at large t where x0_hat itself blows up (x0_hat error = sqrt(1/abar - 1) * eps error).
+  * "posterior_mean" (default): mel loss between mu_theta = mean of q(x_{t-1} | x_t, x0_hat), the mean the
+    reverse step actually uses, and mu = mean of q(x_{t-1} | x_t, x0) with the true x0. Both share the
+    coef2 * x_t term and the error is scaled by coef1, which keeps the term bounded at large t, where
+    x0_hat itself blows up (x0_hat error = sqrt(1/abar - 1) * eps error).
   * "x0": mel loss between x0_hat and x0 directly.
 
 Sampling: ancestral DDPM over all T steps (posterior variance beta_tilde) or DDIM over an evenly spaced
@@ -86,9 +88,9 @@ def _draw(kind: str, shape: tuple[int, ...], generator: torch.Generator | None, 
 def merge_noise_draws(model: nn.Module, multiplicity: int) -> None:
     """Average Opacus per-row gradients over each example's K noise draws: grad_sample [B*K, ...] -> [B, ...].
 
-    Call after `backward()` and before `optimizer.step()` when training_losses ran with noise_multiplicity K
-    under Opacus' hooks modes. The loss is mean_i mean_k l_ik, so Opacus' rows are grad l_ik and the
-    per-example gradient of mean_k l_ik is their mean over k. No-op for K = 1.
+    `training_losses` schedules this at the end of backward; call it yourself only for a loss built
+    outside it. The loss is mean_i mean_k l_ik, so Opacus' rows are grad l_ik and the per-example gradient of
+    mean_k l_ik is their mean over k. Parameters without per-sample gradients are left alone. No-op for K = 1.
     """
     if multiplicity < 1:
         raise ValueError(f"merge_noise_draws: multiplicity must be >= 1, got {multiplicity}")
@@ -109,6 +111,29 @@ def merge_noise_draws(model: nn.Module, multiplicity: int) -> None:
                 f"merge_noise_draws: {name} has {rows} per-sample gradient rows, not a multiple of K={multiplicity}"
             )
         param.grad_sample = grad_sample.reshape(rows // multiplicity, multiplicity, *grad_sample.shape[1:]).mean(1)
+
+
+def _refuse_per_row_norm_clipping(model: object) -> None:
+    from opacus.grad_sample import GradSampleModuleFastGradientClipping
+
+    if isinstance(model, GradSampleModuleFastGradientClipping):
+        raise ValueError(
+            "training_losses: noise_multiplicity > 1 does not work with Opacus' fast/ghost clipping, which clips "
+            "each row of the repeated batch (one noise draw) instead of each example; use privacy.grad_sample_mode "
+            "hooks or functorch, or midt.noise_multiplicity=1"
+        )
+
+
+def _merge_draws_when_backward_ends(model: nn.Module, output: Tensor, multiplicity: int) -> None:
+    """Run merge_noise_draws(model, K) once the backward pass through `output` has finished."""
+
+    def on_output_grad(grad: Tensor) -> Tensor:
+        # Opacus fills grad_sample in module hooks during this backward pass; the engine runs queued
+        # callbacks after all of them (the mechanism DDP and FSDP use for post-backward work).
+        torch.autograd.Variable._execution_engine.queue_callback(lambda: merge_noise_draws(model, multiplicity))
+        return grad
+
+    output.register_hook(on_output_grad)
 
 
 class GaussianDiffusion:
@@ -157,7 +182,9 @@ class GaussianDiffusion:
         if t.is_floating_point():
             raise ValueError(f"diffusion: t must hold integer steps, got dtype {t.dtype}")
         if t.numel() and (int(t.min()) < 0 or int(t.max()) >= self.num_timesteps):
-            raise ValueError(f"diffusion: t must lie in [0, {self.num_timesteps - 1}], got [{int(t.min())}, {int(t.max())}]")
+            raise ValueError(
+                f"diffusion: t must lie in [0, {self.num_timesteps - 1}], got [{int(t.min())}, {int(t.max())}]"
+            )
 
     # -- forward process and posterior -------------------------------------------------------------------
 
@@ -166,11 +193,13 @@ class GaussianDiffusion:
         self._check_t(t, x0.shape[0])
         if noise.shape != x0.shape:
             raise ValueError(f"q_sample: noise {tuple(noise.shape)} must match x0 {tuple(x0.shape)}")
-        return self._extract("sqrt_alphas_cumprod", t, x0) * x0 + self._extract("sqrt_one_minus_alphas_cumprod", t, x0) * noise
+        signal = self._extract("sqrt_alphas_cumprod", t, x0)
+        return signal * x0 + self._extract("sqrt_one_minus_alphas_cumprod", t, x0) * noise
 
     def predict_x0(self, x_t: Tensor, t: Tensor, eps: Tensor) -> Tensor:
         """x0_hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)."""
-        return self._extract("sqrt_recip_alphas_cumprod", t, x_t) * x_t - self._extract("sqrt_recipm1_alphas_cumprod", t, x_t) * eps
+        scale = self._extract("sqrt_recip_alphas_cumprod", t, x_t)
+        return scale * x_t - self._extract("sqrt_recipm1_alphas_cumprod", t, x_t) * eps
 
     def posterior_mean(self, x0: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
         """Mean of q(x_{t-1} | x_t, x0)."""
@@ -231,7 +260,8 @@ class GaussianDiffusion:
                 return None
             allowed = [(batch, k, *per_row)] + ([(batch, *per_row)] if k == 1 else [])
             if tuple(value.shape) not in allowed:
-                raise ValueError(f"training_losses: {name} must have shape {' or '.join(map(str, allowed))}, got {tuple(value.shape)}")
+                shapes = " or ".join(map(str, allowed))
+                raise ValueError(f"training_losses: {name} must have shape {shapes}, got {tuple(value.shape)}")
             return value.reshape(rows, *per_row).to(device)
 
         t = rows_of(t, "t", ())
@@ -249,10 +279,14 @@ class GaussianDiffusion:
         if cond_keep is None and cond_dropout > 0:
             cond_keep = (_draw("rand", (rows,), generator, device) >= cond_dropout).to(x0.dtype)
 
+        if k > 1:
+            _refuse_per_row_norm_clipping(model)
         x_t = self.q_sample(x0, t, noise)
         eps_hat = model(x_t, t, labels, demographics, cond_keep)
         if eps_hat.shape != x0.shape:
             raise ValueError(f"training_losses: the model returned {tuple(eps_hat.shape)}, expected {tuple(x0.shape)}")
+        if k > 1 and isinstance(model, nn.Module) and eps_hat.requires_grad:
+            _merge_draws_when_backward_ends(model, eps_hat, k)
         eps_term = (eps_hat - noise).pow(2).mean(dim=(1, 2))  # (B*K); promotes a bf16 eps_hat to noise's float32
 
         if mel_loss is not None:
@@ -288,9 +322,8 @@ class GaussianDiffusion:
             return model(x, t, labels, demographics, None)
         batch = x.shape[0]
         keep = torch.cat([torch.ones(batch, device=x.device), torch.zeros(batch, device=x.device)]).to(x.dtype)
-        eps = model(
-            torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, labels]), torch.cat([demographics, demographics]), keep
-        )
+        doubled = [torch.cat([v, v]) for v in (x, t, labels, demographics)]
+        eps = model(*doubled, keep)
         eps_cond, eps_uncond = eps[:batch], eps[batch:]
         return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
 
@@ -335,7 +368,9 @@ class GaussianDiffusion:
             raise ValueError(f"sample: guidance_scale must be >= 0, got {guidance_scale}")
         if sampler == "ddpm":
             if steps is not None and steps != self.num_timesteps:
-                raise ValueError(f"sample: DDPM runs all T={self.num_timesteps} steps, got steps={steps}; use sampler='ddim'")
+                raise ValueError(
+                    f"sample: DDPM runs all T={self.num_timesteps} steps, got steps={steps}; use sampler='ddim'"
+                )
             timesteps = list(range(self.num_timesteps - 1, -1, -1))
         else:
             timesteps = self.ddim_timesteps(self.cfg.sample_steps if steps is None else steps)
@@ -366,7 +401,8 @@ class GaussianDiffusion:
                 if sampler == "ddpm":
                     x = self.posterior_mean(x0_hat, x, t)
                     if step > 0:
-                        x = x + self.posterior_variance(t, x).sqrt() * _draw("randn", tuple(x.shape), generator, device, dtype=x.dtype)
+                        z = _draw("randn", tuple(x.shape), generator, device, dtype=x.dtype)
+                        x = x + self.posterior_variance(t, x).sqrt() * z
                 else:
                     x = self._ddim_step(x0_hat, eps, step, -1 if last else timesteps[i + 1], eta, generator)
         finally:

@@ -46,7 +46,8 @@ def mel_filterbank(n_freqs: int, sample_rate: float, n_mels: int, f_min: float, 
         raise ValueError(f"mel_filterbank: n_mels must be >= 1, got {n_mels}")
     if not 0.0 <= f_min < f_max <= sample_rate / 2:
         raise ValueError(
-            f"mel_filterbank: need 0 <= f_min < f_max <= sample_rate/2 = {sample_rate / 2}, got f_min={f_min}, f_max={f_max}"
+            f"mel_filterbank: need 0 <= f_min < f_max <= sample_rate/2 = {sample_rate / 2}, "
+            f"got f_min={f_min}, f_max={f_max}"
         )
     bin_freqs = np.linspace(0.0, sample_rate / 2, n_freqs)  # (F)
     edges = mel_to_hz(np.linspace(hz_to_mel(f_min), hz_to_mel(f_max), n_mels + 2))  # (M+2)
@@ -65,7 +66,8 @@ class MelSpectrogramLoss(nn.Module):
         super().__init__()
         if len(cfg.n_fft) == 0 or len(cfg.n_fft) != len(cfg.hop_length):
             raise ValueError(
-                f"midt.n_fft and midt.hop_length must be non-empty lists of equal length, got {cfg.n_fft} and {cfg.hop_length}"
+                "midt.n_fft and midt.hop_length must be non-empty lists of equal length, "
+                f"got {cfg.n_fft} and {cfg.hop_length}"
             )
         for n_fft, hop in zip(cfg.n_fft, cfg.hop_length):
             if n_fft < 4:
@@ -106,7 +108,8 @@ class MelSpectrogramLoss(nn.Module):
     def forward(self, estimate: Tensor, target: Tensor) -> Tensor:
         if estimate.shape != target.shape or estimate.dim() != 3:
             raise ValueError(
-                f"MelSpectrogramLoss: estimate and target must both be [B, C, L], got {tuple(estimate.shape)} and {tuple(target.shape)}"
+                "MelSpectrogramLoss: estimate and target must both be [B, C, L], "
+                f"got {tuple(estimate.shape)} and {tuple(target.shape)}"
             )
         longest = max(n_fft for n_fft, _ in self.resolutions)
         if estimate.shape[-1] <= longest // 2:
@@ -117,11 +120,13 @@ class MelSpectrogramLoss(nn.Module):
         if estimate.dtype in (torch.float16, torch.bfloat16):
             estimate = estimate.float()  # no half-precision FFTs; float64 stays float64
         target = target.to(estimate.dtype)
-        total = estimate.new_zeros(estimate.shape[0])
-        for index in range(len(self.resolutions)):
-            mel_est = self.mel(estimate, index)  # (B C M T)
-            mel_tgt = self.mel(target, index)  # (B C M T)
-            log_term = (torch.log(mel_est.clamp(min=LOG_CLAMP)) - torch.log(mel_tgt.clamp(min=LOG_CLAMP))).abs()
-            linear_term = (mel_est - mel_tgt).abs()
-            total = total + (log_term + linear_term).mean(dim=(1, 2, 3))  # (B)
-        return total / len(self.resolutions)
+        # Full precision also under autocast: log-mel differences of 1e-3 vanish in bf16.
+        with torch.autocast(device_type=estimate.device.type, enabled=False):
+            total = estimate.new_zeros(estimate.shape[0])
+            for index in range(len(self.resolutions)):
+                mel_est = self.mel(estimate, index)  # (B C M T)
+                mel_tgt = self.mel(target, index)  # (B C M T)
+                log_term = (torch.log(mel_est.clamp(min=LOG_CLAMP)) - torch.log(mel_tgt.clamp(min=LOG_CLAMP))).abs()
+                linear_term = (mel_est - mel_tgt).abs()
+                total = total + (log_term + linear_term).mean(dim=(1, 2, 3))  # (B)
+            return total / len(self.resolutions)

@@ -91,8 +91,13 @@ def distance_metrics(
     train: torch.Tensor,
     holdout: torch.Tensor,
     seed: int = 0,
+    distances: dict[str, np.ndarray] | None = None,
 ) -> dict[str, float]:
-    """DCR share, NNDR and near-copy rate from feature matrices (see the module docstring)."""
+    """DCR share, NNDR and near-copy rate from feature matrices (see the module docstring).
+
+    Pass a dict as `distances` to receive the underlying nearest-neighbour distances (for plots):
+    synthetic_to_train_subset, synthetic_to_holdout, synthetic_to_train, holdout_to_train.
+    """
     for name, t in (("synthetic", synthetic), ("train", train), ("holdout", holdout)):
         if t.ndim != 2 or t.shape[0] == 0:
             raise ValueError(f"{name} features must be a non-empty [N, D] matrix, got {tuple(t.shape)}")
@@ -110,6 +115,13 @@ def distance_metrics(
     nndr = d_train2[:, 0] / torch.clamp(d_train2[:, 1], min=1e-12)
     hold_to_train = nearest_distances(holdout, train)[:, 0]
     threshold = float(torch.quantile(hold_to_train.double(), NEAR_COPY_QUANTILE))
+    if distances is not None:
+        distances.update({
+            "synthetic_to_train_subset": d_train_sub.numpy(),
+            "synthetic_to_holdout": d_hold.numpy(),
+            "synthetic_to_train": dcr.numpy(),
+            "holdout_to_train": hold_to_train.numpy(),
+        })
     return {
         "dcr_share_closer_to_train": share,
         "dcr_train_median": float(dcr.median()),

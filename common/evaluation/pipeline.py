@@ -324,7 +324,8 @@ def run(data: EvalData, settings: Settings, out_dir: str | Path, cache_dir: str 
         return memorization.distance_features(normalizer.normalize(np.asarray(x8, dtype=np.float32)))
 
     f_syn, f_train, f_test = features(syn.signals), features(train.signals), features(test.signals)
-    mem: dict[str, Any] = memorization.distance_metrics(f_syn, f_train, f_test, seed=settings.seed)
+    nn_distances: dict[str, np.ndarray] = {}
+    mem: dict[str, Any] = memorization.distance_metrics(f_syn, f_train, f_test, seed=settings.seed, distances=nn_distances)
     mem["mia"] = None
     roc = None
     if data.generator is not None:
@@ -340,12 +341,8 @@ def run(data: EvalData, settings: Settings, out_dir: str | Path, cache_dir: str 
     _, p_syn = fidelity.welch_psd(syn12)
     plots["psd"] = report.plot_psd(freqs, p_real, p_syn, LEAD_NAMES, plots_dir / "psd.png")
     plots["clinical_features"] = report.plot_features(real_table, syn_table, clinical.FEATURES, plots_dir / "clinical_features.png")
-    n_ref = int(mem["n_reference"])
-    sub = np.random.default_rng(settings.seed)
-    d_tr = memorization.nearest_distances(f_syn, f_train[np.sort(sub.choice(len(f_train), n_ref, replace=False))])[:, 0]
-    d_ho = memorization.nearest_distances(f_syn, f_test)[:, 0]
-    d_ht = memorization.nearest_distances(f_test, f_train)[:, 0]
-    plots["dcr"] = report.plot_dcr(d_tr.numpy(), d_ho.numpy(), d_ht.numpy(), mem["near_copy_threshold"], plots_dir / "dcr.png")
+    plots["dcr"] = report.plot_dcr(nn_distances["synthetic_to_train_subset"], nn_distances["synthetic_to_holdout"],
+                                   nn_distances["holdout_to_train"], mem["near_copy_threshold"], plots_dir / "dcr.png")
     if roc is not None:
         plots["mia_roc"] = report.plot_roc(*roc, mem["mia"]["mia_auc"], plots_dir / "mia_roc.png")
     plots["utility"] = report.plot_utility(util, plots_dir / "utility.png")
@@ -401,7 +398,7 @@ def _membership(gen: Any, train: Any, test: Any, settings: Settings, progress: b
         x0 = torch.as_tensor(gen.normalizer.normalize(ds.signals.astype(np.float32)), dtype=torch.float32)
         return x0, torch.as_tensor(ds.labels), torch.as_tensor(ds.encoded_demographics())
 
-    model = gen.model.to("cpu")
+    model = gen.model  # scored on whatever device sampling left it
     loss_m = memorization.diffusion_losses(model, gen.diffusion, *tensors(members), timesteps=steps, seed=settings.seed, progress=progress)
     loss_n = memorization.diffusion_losses(model, gen.diffusion, *tensors(nonmembers), timesteps=steps, seed=settings.seed, progress=progress)
     out = memorization.attack_metrics(-loss_m, -loss_n)

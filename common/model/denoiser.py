@@ -10,9 +10,12 @@ Each residual block (SSSD-ECG, Alcaraz & Strodthoff 2023):
     h = h + Linear(conditioning)              labels and demographics, [B, 2C, 1]
     h = S4Block(h)                            ... and after it
     out = tanh(h[:C]) * sigmoid(h[C:])        gated activation
-    x_next = (x + Conv1d(C, C, 1)(out)) / sqrt(2),   skip = Conv1d(C, C, 1)(out)
+    residual, skip = Conv1d(C, 2C, 1)(out)    one 1x1 conv for both (SSSD has two)
+    x_next = (x + residual) / sqrt(2)
 
-The last block has no residual conv (its output would feed nothing, and Opacus needs every parameter on
+The per-block step and conditioning Linears are stacked into one Linear each (same function, fewer Opacus
+hooks and parameter tensors: DP-SGD on a GPU is bound by per-module and per-tensor overhead). The last
+block's conv has no residual half (its output would feed nothing, and Opacus needs every parameter on
 the loss path). SSSD's weight norm is left out: Opacus has no per-sample gradients for parametrized layers.
 
 Conditioning: labels (multi-hot [B, 71]) and demographics ([B, 8]) each go through an nn.Linear (never a
@@ -53,11 +56,17 @@ class DenoiserSpec:
 
 PRESETS: dict[str, DenoiserSpec] = {
     # Unit tests: well under 1M parameters, a forward pass on [8, 8, 1000] in milliseconds.
-    "tiny": DenoiserSpec(channels=32, blocks=2, state_dim=16, bidirectional=True, step_embed_dim=32, step_hidden_dim=64, cond_dim=32),
+    "tiny": DenoiserSpec(
+        channels=32, blocks=2, state_dim=16, bidirectional=True, step_embed_dim=32, step_hidden_dim=64, cond_dim=32
+    ),
     # CPU experiments: a few million parameters.
-    "small": DenoiserSpec(channels=96, blocks=8, state_dim=32, bidirectional=True, step_embed_dim=64, step_hidden_dim=256, cond_dim=128),
+    "small": DenoiserSpec(
+        channels=96, blocks=8, state_dim=32, bidirectional=True, step_embed_dim=64, step_hidden_dim=256, cond_dim=128
+    ),
     # SSSD-ECG's published configuration (36 blocks x 256 channels, S4 state 64, bidirectional, embeddings 128/512).
-    "sssd": DenoiserSpec(channels=256, blocks=36, state_dim=64, bidirectional=True, step_embed_dim=128, step_hidden_dim=512, cond_dim=128),
+    "sssd": DenoiserSpec(
+        channels=256, blocks=36, state_dim=64, bidirectional=True, step_embed_dim=128, step_hidden_dim=512, cond_dim=128
+    ),
 }
 
 
@@ -99,33 +108,33 @@ def timestep_embedding(t: Tensor, dim: int) -> Tensor:
 
 
 class ResidualBlock(nn.Module):
+    """One SSSD residual block; its step and conditioning projections come precomputed from the Denoiser."""
+
     def __init__(self, spec: DenoiserSpec, has_residual: bool) -> None:
         super().__init__()
         c = spec.channels
         self.channels = c
-        self.step_proj = nn.Linear(spec.step_hidden_dim, c)
+        self.has_residual = has_residual
         self.in_conv = nn.Conv1d(c, 2 * c, kernel_size=3, padding=1)
         self.s4_before = S4Block(2 * c, state_dim=spec.state_dim, bidirectional=spec.bidirectional)
-        self.cond_proj = nn.Linear(spec.cond_dim, 2 * c)
         self.s4_after = S4Block(2 * c, state_dim=spec.state_dim, bidirectional=spec.bidirectional)
-        self.res_conv = nn.Conv1d(c, c, kernel_size=1) if has_residual else None
-        self.skip_conv = nn.Conv1d(c, c, kernel_size=1)
+        # Residual and skip 1x1 convs as one conv (DiffWave's output projection); the last block has no residual.
+        self.out_conv = nn.Conv1d(c, 2 * c if has_residual else c, kernel_size=1)
         nn.init.kaiming_normal_(self.in_conv.weight)
-        nn.init.kaiming_normal_(self.skip_conv.weight)
-        if self.res_conv is not None:
-            nn.init.kaiming_normal_(self.res_conv.weight)
+        nn.init.kaiming_normal_(self.out_conv.weight)
 
-    def forward(self, x: Tensor, step: Tensor, cond: Tensor) -> tuple[Tensor | None, Tensor]:
-        h = x + self.step_proj(step).unsqueeze(-1)  # (B C L)
+    def forward(self, x: Tensor, step_bias: Tensor, cond_bias: Tensor) -> tuple[Tensor | None, Tensor]:
+        h = x + step_bias.unsqueeze(-1)  # (B C L)
         h = self.in_conv(h)  # (B 2C L)
         h = self.s4_before(h)  # (B 2C L)
-        h = h + self.cond_proj(cond).unsqueeze(-1)  # (B 2C L)
+        h = h + cond_bias.unsqueeze(-1)  # (B 2C L)
         h = self.s4_after(h)  # (B 2C L)
         out = torch.tanh(h[:, : self.channels]) * torch.sigmoid(h[:, self.channels :])  # (B C L)
-        skip = self.skip_conv(out)  # (B C L)
-        if self.res_conv is None:
-            return None, skip
-        return (x + self.res_conv(out)) * math.sqrt(0.5), skip
+        out = self.out_conv(out)  # (B 2C L) or (B C L)
+        if not self.has_residual:
+            return None, out
+        residual, skip = out[:, : self.channels], out[:, self.channels :]  # (B C L) each
+        return (x + residual) * math.sqrt(0.5), skip
 
 
 class Denoiser(nn.Module):
@@ -146,7 +155,8 @@ class Denoiser(nn.Module):
         super().__init__()
         if in_channels < 1 or num_labels < 1 or demo_dim < 1:
             raise ValueError(
-                f"Denoiser: in_channels, num_labels and demo_dim must be positive, got {in_channels}, {num_labels}, {demo_dim}"
+                "Denoiser: in_channels, num_labels and demo_dim must be positive, "
+                f"got {in_channels}, {num_labels}, {demo_dim}"
             )
         self.spec = spec
         self.in_channels = in_channels
@@ -164,6 +174,10 @@ class Denoiser(nn.Module):
         self.label_proj = nn.Linear(num_labels, spec.cond_dim, bias=False)
         self.demo_proj = nn.Linear(demo_dim, spec.cond_dim)
         self.null_cond = nn.Linear(1, spec.cond_dim, bias=False)
+        # SSSD gives every block its own Linear for the step and for the conditioning; stacking them into two
+        # Linears computes the same thing with 2 Opacus hooks instead of 2 per block.
+        self.step_to_blocks = nn.Linear(spec.step_hidden_dim, spec.blocks * c)
+        self.cond_to_blocks = nn.Linear(spec.cond_dim, spec.blocks * 2 * c)
         self.blocks = nn.ModuleList(ResidualBlock(spec, has_residual=i < spec.blocks - 1) for i in range(spec.blocks))
         self.skip_proj = nn.Conv1d(c, c, kernel_size=1)
         self.output_proj = nn.Conv1d(c, in_channels, kernel_size=1)
@@ -181,10 +195,14 @@ class Denoiser(nn.Module):
         if t.is_floating_point() or t.is_complex():
             raise ValueError(f"Denoiser: t must hold integer diffusion steps, got dtype {t.dtype}")
         if labels.shape != (batch, self.num_labels):
-            raise ValueError(f"Denoiser: labels must be [B, {self.num_labels}]=[{batch}, {self.num_labels}], got {tuple(labels.shape)}")
+            raise ValueError(
+                f"Denoiser: labels must be [B, {self.num_labels}]=[{batch}, {self.num_labels}], "
+                f"got {tuple(labels.shape)}"
+            )
         if demographics.shape != (batch, self.demo_dim):
             raise ValueError(
-                f"Denoiser: demographics must be [B, {self.demo_dim}]=[{batch}, {self.demo_dim}], got {tuple(demographics.shape)}"
+                f"Denoiser: demographics must be [B, {self.demo_dim}]=[{batch}, {self.demo_dim}], "
+                f"got {tuple(demographics.shape)}"
             )
         if cond_keep is not None and cond_keep.shape != (batch,):
             raise ValueError(f"Denoiser: cond_keep must be [B]=[{batch}] or None, got {tuple(cond_keep.shape)}")
@@ -212,6 +230,8 @@ class Denoiser(nn.Module):
         cond = keep * (self.label_proj(labels.to(dtype)) + self.demo_proj(demographics.to(dtype)))  # (B D)
         cond = cond + self.null_cond(1.0 - keep)  # (B D): the null embedding where dropped
         step = self.step_mlp(timestep_embedding(t, self.spec.step_embed_dim).to(dtype))  # (B E)
+        step_biases = self.step_to_blocks(step).chunk(len(self.blocks), dim=1)  # blocks x (B C)
+        cond_biases = self.cond_to_blocks(cond).chunk(len(self.blocks), dim=1)  # blocks x (B 2C)
 
         h = F.relu(self.input_proj(x.to(dtype)))  # (B C L)
         skips = None
@@ -222,11 +242,11 @@ class Denoiser(nn.Module):
                 "recomputing a block in backward fires its forward hooks a second time. "
                 "Set model.activation_checkpointing=false for private training."
             )
-        for block in self.blocks:
+        for block, step_bias, cond_bias in zip(self.blocks, step_biases, cond_biases):
             if use_checkpoint:
-                h_next, skip = checkpoint(block, h, step, cond, use_reentrant=False)
+                h_next, skip = checkpoint(block, h, step_bias, cond_bias, use_reentrant=False)
             else:
-                h_next, skip = block(h, step, cond)
+                h_next, skip = block(h, step_bias, cond_bias)
             skips = skip if skips is None else skips + skip
             if h_next is not None:
                 h = h_next

@@ -13,7 +13,8 @@ u_i with dL/dy_i; two einsums against the shared Vandermonde V(l) = exp(s l) giv
 
     grad_W = 2 sum_l G(l) conj(V(l)),   grad_s = 2 conj(W) sum_l l G(l) conj(V(l)),
 
-and a vmapped VJP of the small map theta -> (W, s) finishes the job. The non-private backward uses the same
+and the VJP of the small elementwise map theta -> (W, s) finishes the job (written out in closed form; a test
+checks it against a vmapped torch.func.vjp). The non-private backward uses the same
 formulas (batch-summed G) in a custom autograd function. Splitting positions l = q P + r (P ~ sqrt(L))
 factors the Vandermonde into exp(s q P) and exp(s r), so neither pass ever materialises the (K, H, N, L)
 Vandermonde: kernel and gradients are small matmuls. The FFT convolution has its own backward too: two
@@ -99,7 +100,7 @@ def _kernel_from_modes(W: Tensor, s: Tensor, length: int) -> Tensor:
 
 
 def _mode_grads(grad_k: Tensor, W: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
-    """Gradients of (W, s) given dL/dk; grad_k is (..., K, H, L) with any leading batch dims.
+    """Gradients of (W, s) given the batch-summed dL/dk (K, H, L), for the autograd backward.
 
     grad_W = 2 sum_l G(l) conj(V(l)) and grad_s = 2 conj(W) sum_l l G(l) conj(V(l)), with l = q P + r:
     sum_l G(l) conj(V(l)) = sum_q conj(z^{qP}) sum_r G(qP + r) conj(z^r), and l = qP + r splits the second sum.
@@ -108,20 +109,41 @@ def _mode_grads(grad_k: Tensor, W: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
     z_outer, z_inner, block = _vandermonde_factors(s, length)
     outer_count = z_outer.shape[-1]
     dtype = grad_k.dtype
-    g = F.pad(grad_k, (0, outer_count * block - length)).unflatten(-1, (outer_count, block))  # (... K H Q P)
+    g = F.pad(grad_k, (0, outer_count * block - length)).unflatten(-1, (outer_count, block))  # (K H Q P)
     inner = torch.arange(block, device=s.device, dtype=dtype)  # (P)
     zr, zi = z_inner.real.to(dtype), z_inner.imag.to(dtype)  # (K H N P)
     # Columns: Re and Im of conj(z^r), then of r conj(z^r); one real matmul gives both inner sums.
     basis = torch.cat([zr, -zi, zr * inner, -zi * inner], dim=-2).transpose(-1, -2)  # (K H P 4N)
-    inner_sums = torch.matmul(g, basis)  # (... K H Q 4N)
-    parts = inner_sums.unflatten(-1, (4, W.shape[-1]))  # (... K H Q 4 N)
-    plain = torch.complex(parts[..., 0, :], parts[..., 1, :])  # (... K H Q N): sum_r G conj(z^r)
-    weighted = torch.complex(parts[..., 2, :], parts[..., 3, :])  # (... K H Q N): sum_r r G conj(z^r)
+    parts = torch.matmul(g, basis).unflatten(-1, (4, W.shape[-1]))  # (K H Q 4 N)
+    plain = torch.complex(parts[..., 0, :], parts[..., 1, :])  # (K H Q N): sum_r G conj(z^r)
+    weighted = torch.complex(parts[..., 2, :], parts[..., 3, :])  # (K H Q N): sum_r r G conj(z^r)
     outer_conj = z_outer.conj().transpose(-1, -2)  # (K H Q N)
     q_positions = (torch.arange(outer_count, device=s.device, dtype=dtype) * block).unsqueeze(-1)  # (Q 1)
-    sum_v = (outer_conj * plain).sum(-2)  # (... K H N): sum_l G conj(V)
-    sum_lv = (outer_conj * (q_positions * plain + weighted)).sum(-2)  # (... K H N): sum_l l G conj(V)
+    sum_v = (outer_conj * plain).sum(-2)  # (K H N): sum_l G conj(V)
+    sum_lv = (outer_conj * (q_positions * plain + weighted)).sum(-2)  # (K H N): sum_l l G conj(V)
     return 2 * sum_v, 2 * W.conj() * sum_lv
+
+
+def _per_sample_mode_grads(grad_k: Tensor, W: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-sample gradients of (W, s), each (B, K, H, N), from per-sample dL/dk laid out as (K, H, B, L).
+
+    The same sums as `_mode_grads`, as two real matmuls against the full Vandermonde: shared by the batch,
+    it is built once per call, and G conj(V) = conj(G V) because G is real.
+    """
+    length = grad_k.shape[-1]
+    modes = W.shape[-1]
+    z_outer, z_inner, _ = _vandermonde_factors(s, length)
+    # V(qP + r) = z^{qP} z^r, built directly in (K, H, L, N) layout.
+    V = (z_outer.transpose(-1, -2).unsqueeze(-2) * z_inner.transpose(-1, -2).unsqueeze(-3)).flatten(-3, -2)
+    basis = torch.view_as_real(V[..., :length, :]).flatten(-2).to(grad_k.dtype)  # (K H L 2N): [re, im] per mode
+    positions = torch.arange(length, device=s.device, dtype=grad_k.dtype)  # (L)
+    sums = torch.matmul(grad_k, basis)  # (K H B 2N): sum_l G V
+    weighted = torch.matmul(grad_k * positions, basis)  # (K H B 2N): sum_l l G V
+    sum_v = torch.view_as_complex(sums.unflatten(-1, (modes, 2)).contiguous()).conj()  # (K H B N)
+    sum_lv = torch.view_as_complex(weighted.unflatten(-1, (modes, 2)).contiguous()).conj()  # (K H B N)
+    grad_W = 2 * sum_v.permute(2, 0, 1, 3)  # (B K H N)
+    grad_s = 2 * W.conj() * sum_lv.permute(2, 0, 1, 3)  # (B K H N)
+    return grad_W, grad_s
 
 
 class _VandermondeKernel(torch.autograd.Function):
@@ -194,6 +216,30 @@ def _modes(log_dt: Tensor, log_A_real: Tensor, A_imag: Tensor, C: Tensor) -> tup
     return W, s
 
 
+def _modes_vjp(
+    log_dt: Tensor, log_A_real: Tensor, A_imag: Tensor, C: Tensor, grad_W: Tensor, grad_s: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """VJP of `_modes` for cotangents with leading batch dims: (..., K, H, N) -> per-parameter gradients.
+
+    Written out rather than vmapped through torch.func (same values, half the time, no functorch dispatch
+    per layer and step). W = C F(s, A) with F = expm1(s) / A and s = A dt, all holomorphic, so in PyTorch's
+    convention a holomorphic f passes back conj(f') * grad.
+    """
+    dt = torch.exp(log_dt).unsqueeze(-1)  # (K H 1)
+    a_magnitude = torch.exp(log_A_real)  # (K H N)
+    A = torch.complex(-a_magnitude, A_imag)  # (K H N)
+    s = A * dt  # (K H N)
+    C_complex = torch.view_as_complex(C)  # (K H N)
+    expm1_s = torch.expm1(s)  # (K H N)
+    grad_C = (expm1_s / A).conj() * grad_W  # (... K H N): dW/dC = F
+    grad_s_total = grad_s + (C_complex * torch.exp(s) / A).conj() * grad_W  # (... K H N): dW/ds = C exp(s) / A
+    grad_A = dt * grad_s_total - (C_complex * expm1_s / A**2).conj() * grad_W  # (... K H N): ds/dA = dt, dW/dA|s
+    grad_log_dt = (grad_s_total.conj() * s).real.sum(-1)  # (... K H): ds/dlog_dt = s
+    grad_log_A_real = -a_magnitude * grad_A.real  # (... K H N): dA/dlog_A_real = -exp(log_A_real), real
+    grad_A_imag = grad_A.imag  # (... K H N): dA/dA_imag = i
+    return grad_log_dt, grad_log_A_real, grad_A_imag, torch.view_as_real(grad_C)
+
+
 class S4DKernelConv(nn.Module):
     """y = k(theta) * u + D u for u of shape (B, H, L); returns (B, H, L).
 
@@ -254,13 +300,16 @@ class S4DKernelConv(nn.Module):
             raise ValueError(f"S4DKernelConv: expected input (B, {self.channels}, L), got {tuple(u.shape)}")
         length = u.shape[-1]
         size = self.fft_size(length)
-        u = u.to(self.D.dtype)  # FFTs run in the parameters' precision (no bf16 FFT)
-        k = self.kernel(length)  # (K H L)
-        k_full = F.pad(k[0], (0, size - length))  # (H M): causal taps at 0..L-1
-        if self.bidirectional:
-            k_full = k_full + F.pad(k[1].flip(-1), (size - length, 0))  # (H M): k1[m] at M-1-m
-        y = _FFTConvolution.apply(u, k_full)  # (B H L)
-        return y + u * self.D.unsqueeze(-1)  # (B H L)
+        # Kernel and FFTs in the parameters' precision, also under autocast: there is no bf16 FFT, and a
+        # bf16 Vandermonde product would lose the kernel's long tail.
+        with torch.autocast(device_type=u.device.type, enabled=False):
+            u = u.to(self.D.dtype)
+            k = self.kernel(length)  # (K H L)
+            k_full = F.pad(k[0], (0, size - length))  # (H M): causal taps at 0..L-1
+            if self.bidirectional:
+                k_full = k_full + F.pad(k[1].flip(-1), (size - length, 0))  # (H M): k1[m] at M-1-m
+            y = _FFTConvolution.apply(u, k_full)  # (B H L)
+            return y + u * self.D.unsqueeze(-1)  # (B H L)
 
     def per_sample_grads(self, u: Tensor, grad_y: Tensor) -> dict[nn.Parameter, Tensor]:
         """Per-sample gradients of every trainable parameter, given inputs u and dL_i/dy_i, both (B, H, L)."""
@@ -278,16 +327,17 @@ class S4DKernelConv(nn.Module):
         corr = torch.fft.irfft(
             torch.fft.rfft(u, n=size).conj() * torch.fft.rfft(grad_y, n=size), n=size
         )  # (B H M)
+        directions = 2 if self.bidirectional else 1
+        grad_k = corr.new_empty(directions, self.channels, u.shape[0], length)  # (K H B L): matmul-ready
+        grad_k[0] = corr[..., :length].transpose(0, 1)  # causal taps
         if self.bidirectional:
-            grad_k = torch.stack([corr[..., :length], corr[..., size - length :].flip(-1)], dim=1)  # (B 2 H L)
-        else:
-            grad_k = corr[..., :length].unsqueeze(1)  # (B 1 H L)
+            grad_k[1] = corr[..., size - length :].flip(-1).transpose(0, 1)  # k1[m] sat at M-1-m
 
         params = (self.log_dt, self.log_A_real, self.A_imag, self.C)
         detached = tuple(p.detach() for p in params)
-        (W, s), modes_vjp = torch.func.vjp(_modes, *detached)
-        grad_W, grad_s = _mode_grads(grad_k, W, s)  # (B K H N) each
-        theta_grads = torch.func.vmap(modes_vjp)((grad_W, grad_s))
+        W, s = _modes(*detached)
+        grad_W, grad_s = _per_sample_mode_grads(grad_k, W, s)  # (B K H N) each
+        theta_grads = _modes_vjp(*detached, grad_W, grad_s)
         grads: dict[nn.Parameter, Tensor] = {}
         for param, grad in zip(params, theta_grads):
             if param.requires_grad:

@@ -87,12 +87,15 @@ def run_variant(args: argparse.Namespace) -> dict[str, Any]:
     model = build_denoiser(ModelConfig(size=args.size)).to(device)
     diffusion = GaussianDiffusion(DiffusionConfig())
     generator = torch.Generator().manual_seed(0)
-    result: dict[str, Any] = {"variant": args.variant, "params": count_parameters(model), "threads": torch.get_num_threads()}
+    result: dict[str, Any] = {
+        "variant": args.variant,
+        "params": count_parameters(model),
+        "threads": torch.get_num_threads(),
+    }
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    autocast = (
-        torch.autocast(device_type="cuda", dtype=torch.bfloat16) if args.amp and device.type == "cuda" else contextlib.nullcontext()
-    )
+    use_amp = args.amp and device.type == "cuda"
+    autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16) if use_amp else contextlib.nullcontext()
 
     if args.variant in SAMPLE_VARIANTS:
         sampler, steps = ("ddim", 50) if args.variant == "ddim50" else ("ddpm", None)
@@ -102,7 +105,10 @@ def run_variant(args: argparse.Namespace) -> dict[str, Any]:
             diffusion.sample(model, labels, demographics, steps=3, sampler="ddim", length=LENGTH)  # warm-up
             _sync(device)
             cpu_start, start = time.process_time(), time.perf_counter()
-            diffusion.sample(model, labels, demographics, steps=steps, sampler=sampler, generator=generator, length=LENGTH, progress=args.progress)
+            diffusion.sample(
+                model, labels, demographics, steps=steps, sampler=sampler, generator=generator, length=LENGTH,
+                progress=args.progress,
+            )  # fmt: skip
             _sync(device)
         elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
         result.update(seconds=elapsed, cpu_s=cpu, per_sample_s=elapsed / args.sample_batch, batch=args.sample_batch)
@@ -205,7 +211,9 @@ def _fmt(value: Any, digits: int = 3) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--size", default="small", choices=("tiny", "small", "sssd"))
     parser.add_argument("--batch", type=int, default=32, help="training batch size")
     parser.add_argument("--steps", type=int, default=3, help="timed training steps per variant (after warm-up)")
@@ -214,7 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sample-batch", type=int, default=8, help="samples drawn by the DDIM/DDPM variants")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: PyTorch's default)")
     parser.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA, as common.train does")
-    parser.add_argument("--variants", default=",".join(ALL_VARIANTS), help=f"comma-separated subset of {', '.join(ALL_VARIANTS)}")
+    parser.add_argument(
+        "--variants", default=",".join(ALL_VARIANTS), help=f"comma-separated subset of {', '.join(ALL_VARIANTS)}"
+    )
     parser.add_argument("--progress", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--variant", help=argparse.SUPPRESS)  # internal: run one variant and print JSON
     args = parser.parse_args(argv)
@@ -242,7 +252,10 @@ def main(argv: list[str] | None = None) -> int:
 
     on_cpu = args.device == "cpu"
     threads = next((r["threads"] for r in results.values() if "threads" in r), "?")
-    print(f"\nbench_model: size={args.size} batch={args.batch} steps={args.steps} device={args.device} threads={threads} amp={args.amp}")
+    print(
+        f"\nbench_model: size={args.size} batch={args.batch} steps={args.steps} device={args.device} "
+        f"threads={threads} amp={args.amp}"
+    )
     if on_cpu:
         print("(cpu s = process CPU time; ratios use it, so other load on a shared machine does not skew them)")
     header = (
@@ -257,10 +270,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{variant:<14} failed:\n    {r['error']}")
             continue
         wall = r["seconds"] if variant in SAMPLE_VARIANTS else r["step_s"]
-        cells = ("", "", "") if variant in SAMPLE_VARIANTS else (_fmt(r["forward_s"]), _fmt(r["backward_s"]), _fmt(r["optim_s"]))
+        if variant in SAMPLE_VARIANTS:
+            phases = ("", "", "")
+        else:
+            phases = (_fmt(r["forward_s"]), _fmt(r["backward_s"]), _fmt(r["optim_s"]))
+        cpu = _fmt(r.get("cpu_s") if on_cpu else None)
         print(
-            f"{variant:<14} {_fmt(wall):>8} {_fmt(r.get('cpu_s') if on_cpu else None):>8} {cells[0]:>7} {cells[1]:>7} {cells[2]:>8} "
-            f"{_fmt(1000 * r['per_sample_s'], 1):>10} {_fmt(1 / r['per_sample_s'], 2):>10} {_fmt(r.get('peak_mem_gb'), 2):>8}"
+            f"{variant:<14} {_fmt(wall):>8} {cpu:>8} {phases[0]:>7} {phases[1]:>7} {phases[2]:>8} "
+            f"{_fmt(1000 * r['per_sample_s'], 1):>10} {_fmt(1 / r['per_sample_s'], 2):>10} "
+            f"{_fmt(r.get('peak_mem_gb'), 2):>8}"
         )
     for variant in variants:
         fallback = results[variant].get("functorch_fallback_modules")

@@ -85,7 +85,7 @@ def test_ready_for_opacus_no_buffers_no_batchnorm_no_fallback() -> None:
     assert list(model.buffers()) == []
     assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     assert modules_on_functorch_fallback(model) == []
-    assert model.blocks[-1].res_conv is None and model.blocks[0].res_conv is not None
+    assert model.blocks[-1].out_conv.out_channels == 96 and model.blocks[0].out_conv.out_channels == 2 * 96
 
 
 def test_every_parameter_lies_on_the_loss_path() -> None:

@@ -88,11 +88,14 @@ def test_posterior_matches_bayes_rule() -> None:
     mean = diffusion.posterior_mean(x0, x_t, t)
     var = diffusion.posterior_variance(t, x_t)
     for i, step in enumerate(t.tolist()):
-        # prior x_{t-1} | x0 ~ N(sqrt(abar_{t-1}) x0, 1 - abar_{t-1}); likelihood x_t | x_{t-1} ~ N(sqrt(alpha_t) x_{t-1}, beta_t)
+        # prior x_{t-1} | x0 ~ N(sqrt(abar_{t-1}) x0, 1 - abar_{t-1})
+        # likelihood x_t | x_{t-1} ~ N(sqrt(alpha_t) x_{t-1}, beta_t)
         prior_var = 1 - abar[step - 1].item()
-        alpha = 1 - betas[step].item()
-        precision = 1 / prior_var + alpha / betas[step].item()
-        expected_mean = (math.sqrt(abar[step - 1].item()) * x0[i].item() / prior_var + math.sqrt(alpha) * x_t[i].item() / betas[step].item()) / precision
+        beta = betas[step].item()
+        alpha = 1 - beta
+        precision = 1 / prior_var + alpha / beta
+        prior_term = math.sqrt(abar[step - 1].item()) * x0[i].item() / prior_var
+        expected_mean = (prior_term + math.sqrt(alpha) * x_t[i].item() / beta) / precision
         assert mean[i].item() == pytest.approx(expected_mean, rel=1e-9)
         assert var[i].item() == pytest.approx(1 / precision, rel=1e-9)
 
@@ -134,7 +137,8 @@ def test_ddim_eta_1_trajectory_equals_ddpm_for_the_same_noise() -> None:
 def test_ddim_timesteps_and_sampler_arguments() -> None:
     diffusion = GaussianDiffusion(DiffusionConfig())
     steps = diffusion.ddim_timesteps(50)
-    assert len(steps) == 50 == len(set(steps)) and steps[0] == 199 and steps[-1] == 0 and steps == sorted(steps, reverse=True)
+    assert len(steps) == 50 == len(set(steps)) and steps == sorted(steps, reverse=True)
+    assert steps[0] == 199 and steps[-1] == 0
     assert diffusion.ddim_timesteps(200) == list(range(199, -1, -1))
     model = _tiny()
     labels, demographics = _conditioning(2)
@@ -166,7 +170,8 @@ def test_guidance() -> None:
         )
 
     def draw(scale: float, lab: torch.Tensor) -> torch.Tensor:
-        return diffusion.sample(model, lab, demographics, steps=4, guidance_scale=scale, generator=torch.Generator().manual_seed(1), length=60)
+        generator = torch.Generator().manual_seed(1)
+        return diffusion.sample(model, lab, demographics, steps=4, guidance_scale=scale, generator=generator, length=60)
 
     other = torch.roll(labels, 5, dims=1)
     assert (draw(1.0, labels) - draw(1.0, other)).abs().max() > 1e-3  # conditioning changes the sample
@@ -185,8 +190,9 @@ def test_training_losses_are_per_example_and_match_a_direct_computation() -> Non
     t, noise = torch.tensor([4, 60, 150]), torch.randn(3, 8, 100, dtype=torch.float64)
     keep = torch.tensor([1.0, 0.0, 1.0], dtype=torch.float64)
     for target in ("posterior_mean", "x0"):
+        draws = {"t": t, "noise": noise, "cond_keep": keep}
         out = diffusion.training_losses(
-            model, x0, labels, demographics, mel_loss=mel, mel_weight=0.3, mel_target=target, t=t, noise=noise, cond_keep=keep
+            model, x0, labels, demographics, mel_loss=mel, mel_weight=0.3, mel_target=target, **draws
         )
         assert {k: v.shape for k, v in out.items()} == {"loss": (3,), "eps": (3,), "mel": (3,)}
         x_t = diffusion.q_sample(x0, t, noise)
@@ -202,7 +208,9 @@ def test_training_losses_are_per_example_and_match_a_direct_computation() -> Non
         # Example 1's loss does not depend on example 0's data.
         changed = x0.clone()
         changed[0] += 1.0
-        again = diffusion.training_losses(model, changed, labels, demographics, mel_loss=mel, mel_weight=0.3, mel_target=target, t=t, noise=noise, cond_keep=keep)
+        again = diffusion.training_losses(
+            model, changed, labels, demographics, mel_loss=mel, mel_weight=0.3, mel_target=target, **draws
+        )
         torch.testing.assert_close(again["loss"][1:], out["loss"][1:])
 
 
@@ -215,10 +223,12 @@ def test_noise_multiplicity_averages_k_draws_per_example() -> None:
     noise = torch.randn(2, 2, 8, 80, dtype=torch.float64)
     out = diffusion.training_losses(model, x0, labels, demographics, noise_multiplicity=2, t=t, noise=noise)
     single = [
-        diffusion.training_losses(model, x0, labels, demographics, t=t[:, k], noise=noise[:, k])["loss"] for k in range(2)
+        diffusion.training_losses(model, x0, labels, demographics, t=t[:, k], noise=noise[:, k])["loss"]
+        for k in range(2)
     ]
     torch.testing.assert_close(out["loss"], (single[0] + single[1]) / 2)
-    random_draws = diffusion.training_losses(model, x0, labels, demographics, noise_multiplicity=3, generator=torch.Generator().manual_seed(0))
+    generator = torch.Generator().manual_seed(0)
+    random_draws = diffusion.training_losses(model, x0, labels, demographics, noise_multiplicity=3, generator=generator)
     assert random_draws["loss"].shape == (2,)
 
 
@@ -229,7 +239,9 @@ def test_cond_dropout_one_drops_all_conditioning() -> None:
     labels, demographics = _conditioning(2)
 
     def loss(lab: torch.Tensor, dropout: float) -> torch.Tensor:
-        return diffusion.training_losses(model, x0, lab, demographics, cond_dropout=dropout, generator=torch.Generator().manual_seed(3))["loss"]
+        generator = torch.Generator().manual_seed(3)
+        out = diffusion.training_losses(model, x0, lab, demographics, cond_dropout=dropout, generator=generator)
+        return out["loss"]
 
     other = torch.roll(labels, 7, dims=1)
     torch.testing.assert_close(loss(labels, 1.0), loss(other, 1.0))
@@ -277,12 +289,15 @@ def test_tiny_model_overfits_one_real_ecg(shared_ptbxl: Path) -> None:
     g = torch.Generator().manual_seed(0)
     t, noise = torch.randint(0, 200, (2,), generator=g), torch.randn(2, 8, 1000, generator=g)  # fixed draws
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    losses = []
+    history = []
     start = time.perf_counter()
     for _ in range(100):
-        loss = diffusion.training_losses(model, x0, labels, demographics, mel_loss=mel, mel_weight=0.02, t=t, noise=noise)["loss"].mean()
+        out = diffusion.training_losses(
+            model, x0, labels, demographics, mel_loss=mel, mel_weight=0.02, t=t, noise=noise
+        )
+        loss = out["loss"].mean()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        losses.append(loss.item())
-    assert losses[-1] < losses[0] / 10, (losses[0], losses[-1], f"{time.perf_counter() - start:.1f}s")
+        history.append(loss.item())
+    assert history[-1] < history[0] / 10, (history[0], history[-1], f"{time.perf_counter() - start:.1f}s")

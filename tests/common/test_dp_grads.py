@@ -48,7 +48,9 @@ class PerExampleLoss(nn.Module):
         self.mel = MelSpectrogramLoss(MidtConfig(n_fft=(64, 32), hop_length=(16, 8), n_mels=8)).double()
         self.multiplicity = multiplicity
 
-    def forward(self, x0: Tensor, labels: Tensor, demographics: Tensor, t: Tensor, noise: Tensor, keep: Tensor) -> Tensor:
+    def forward(
+        self, x0: Tensor, labels: Tensor, demographics: Tensor, t: Tensor, noise: Tensor, keep: Tensor
+    ) -> Tensor:
         return self.diffusion.training_losses(
             self.model,
             x0,
@@ -110,7 +112,8 @@ def test_full_denoiser_per_sample_gradients_with_mel_loss(s4d_path: str) -> None
                 batch, loss_module, loss_reduction=reduction, grad_sample_mode="hooks", chunk_method=_per_example
             )
             _assert_same(reference, opacus)
-    s4d_grads = [reference[f"model.blocks.0.s4_after.conv.{name}"] for name in ("log_dt", "log_A_real", "A_imag", "C", "D")]
+    names = ("log_dt", "log_A_real", "A_imag", "C", "D")
+    s4d_grads = [reference[f"model.blocks.0.s4_after.conv.{name}"] for name in names]
     assert all(g.abs().max() > 0 for g in s4d_grads)  # the comparison is not vacuous
 
 
@@ -125,21 +128,48 @@ def test_ghost_clipping_norms_match_the_loop() -> None:
     wrapped._close()
 
 
-def test_noise_multiplicity_gradients_are_merged_per_example() -> None:
+class DenoiserOnly(nn.Module):
+    """Opacus wraps the denoiser alone (as training does); the loss is computed outside the wrapper."""
+
+    def __init__(self, inner: PerExampleLoss) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def loss(self, wrapped: nn.Module, batch: tuple[Tensor, ...]) -> Tensor:
+        x0, labels, demographics, t, noise, keep = batch
+        return self.inner.diffusion.training_losses(
+            wrapped, x0, labels, demographics, mel_loss=self.inner.mel, mel_weight=MEL_WEIGHT,
+            noise_multiplicity=self.inner.multiplicity, t=t, noise=noise, cond_keep=keep,
+        )["loss"]  # fmt: skip
+
+
+def test_noise_multiplicity_gradients_are_merged_per_example_when_backward_ends() -> None:
     loss_module = PerExampleLoss(multiplicity=2)
     batch = _batch(batch=3, multiplicity=2, seed=2)
-    reference = _loop_grads(loss_module, batch)
-    wrapped = GradSampleModule(loss_module, loss_reduction="mean")
-    wrapped(*batch).mean().backward()
-    some = next(iter(loss_module.parameters()))
-    assert some.grad_sample.shape[0] == 6  # Opacus sees B*K rows ...
-    merge_noise_draws(loss_module, 2)
-    assert some.grad_sample.shape[0] == 3  # ... merged into one gradient per example
-    _assert_same(reference, {name: p.grad_sample for name, p in loss_module.named_parameters()})
+    reference = {name.removeprefix("model."): g for name, g in _loop_grads(loss_module, batch).items()}
+    wrapped = GradSampleModule(loss_module.model, loss_reduction="mean")
+    DenoiserOnly(loss_module).loss(wrapped, batch).mean().backward()
+    # The denoiser saw B*K = 6 rows; clipping must see one gradient per example.
+    _assert_same(reference, {name: p.grad_sample for name, p in loss_module.model.named_parameters()})
     wrapped._close()
+
+
+def test_merge_noise_draws_checks_the_row_count() -> None:
+    layer = nn.Linear(2, 2)
+    layer.weight.grad_sample = torch.arange(6.0).reshape(6, 1, 1).expand(6, 2, 2)
+    merge_noise_draws(layer, 3)
+    torch.testing.assert_close(layer.weight.grad_sample[:, 0, 0], torch.tensor([1.0, 4.0]))
+    layer.weight.grad_sample = torch.zeros(6, 2, 2)
     with pytest.raises(ValueError, match="not a multiple of K=4"):
-        some.grad_sample = torch.zeros(6, *some.shape)
-        merge_noise_draws(loss_module, 4)
+        merge_noise_draws(layer, 4)
+
+
+def test_noise_multiplicity_is_refused_with_ghost_clipping() -> None:
+    loss_module = PerExampleLoss(multiplicity=2)
+    wrapped = GradSampleModuleFastGradientClipping(loss_module.model, loss_reduction="mean", use_ghost_clipping=True)
+    with pytest.raises(ValueError, match="fast/ghost clipping"):
+        DenoiserOnly(loss_module).loss(wrapped, _batch(batch=2, multiplicity=2))
+    wrapped._close()
 
 
 def test_one_private_step_with_opacus() -> None:
@@ -160,7 +190,9 @@ def test_one_private_step_with_opacus() -> None:
         poisson_sampling=False,
     )
     x0, labels, demographics = next(iter(loader))
-    losses = diffusion.training_losses(private, x0, labels, demographics, mel_loss=mel, mel_weight=0.02, cond_dropout=0.5)
+    losses = diffusion.training_losses(
+        private, x0, labels, demographics, mel_loss=mel, mel_weight=0.02, cond_dropout=0.5
+    )
     losses["loss"].mean().backward()
     conv = next(m for m in model.modules() if isinstance(m, S4DKernelConv))
     assert conv.C.grad_sample.shape == (4, *conv.C.shape)
@@ -168,3 +200,32 @@ def test_one_private_step_with_opacus() -> None:
     changed = [name for name, p in model.named_parameters() if not torch.equal(p, before[name])]
     assert len(changed) == len(before)  # noise reaches every parameter
     assert engine.get_epsilon(delta=1e-5) > 0
+
+
+def test_private_backward_under_bf16_autocast_keeps_s4d_and_mel_in_float32() -> None:
+    torch.manual_seed(0)
+    model = build_denoiser(ModelConfig(size="tiny"))
+    nn.init.normal_(model.output_proj.weight, std=0.1)
+    conv = model.blocks[0].s4_before.conv
+    seen: dict[str, torch.dtype] = {}
+
+    def record(name: str):
+        def hook(module: nn.Module, inputs: tuple, output: Tensor) -> None:
+            seen.setdefault(name, output.dtype)
+
+        return hook
+
+    conv.register_forward_hook(record("s4d"))
+    model.blocks[0].s4_before.output_linear.register_forward_hook(record("linear"))
+    wrapped = GradSampleModule(model)
+    diffusion = GaussianDiffusion(DiffusionConfig())
+    x0, labels, demographics = torch.randn(3, 8, LENGTH), (torch.rand(3, 71) < 0.1).float(), torch.randn(3, 8)
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        losses = diffusion.training_losses(
+            wrapped, x0, labels, demographics, mel_loss=MelSpectrogramLoss(MidtConfig()), mel_weight=0.02
+        )
+    losses["loss"].mean().backward()
+    assert seen == {"s4d": torch.float32, "linear": torch.bfloat16}  # autocast is on, yet S4D stays float32
+    assert losses["mel"].dtype == torch.float32 and torch.isfinite(losses["loss"]).all()
+    assert conv.C.grad_sample.dtype == torch.float32 and torch.isfinite(conv.C.grad_sample).all()
+    wrapped._close()

@@ -12,6 +12,8 @@ from common.model.s4 import (
     S4Block,
     S4DKernelConv,
     _FFTConvolution,
+    _modes,
+    _modes_vjp,
     _VandermondeKernel,
     modules_on_functorch_fallback,
     next_fast_len,
@@ -121,6 +123,16 @@ def test_analytic_kernel_backward_passes_gradcheck() -> None:
         assert torch.autograd.gradcheck(lambda w, z: _VandermondeKernel.apply(w, z, length), (W, s))
 
 
+def test_closed_form_modes_vjp_matches_vmapped_torch_func_vjp() -> None:
+    layer = _layer(channels=4, state_dim=10)
+    params = tuple(p.detach() for p in (layer.log_dt, layer.log_A_real, layer.A_imag, layer.C))
+    cotangents = tuple(torch.randn(3, 2, 4, 5, dtype=torch.complex128) for _ in range(2))
+    _, vjp = torch.func.vjp(_modes, *params)
+    expected = torch.func.vmap(vjp)(cotangents)
+    for got, want in zip(_modes_vjp(*params, *cotangents), expected):
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-10)
+
+
 def test_fft_convolution_backward_passes_gradcheck() -> None:
     u = torch.randn(2, 3, 9, dtype=torch.float64, requires_grad=True)
     k_full = torch.randn(3, 18, dtype=torch.float64, requires_grad=True)
@@ -145,7 +157,8 @@ def test_per_sample_gradients_match_a_per_example_loop(bidirectional: bool) -> N
 def test_frozen_parameters_get_no_per_sample_gradient() -> None:
     layer = _layer()
     layer.A_imag.requires_grad_(False)
-    grads = layer.per_sample_grads(torch.randn(2, 3, 20, dtype=torch.float64), torch.randn(2, 3, 20, dtype=torch.float64))
+    u, grad_y = torch.randn(2, 3, 20, dtype=torch.float64), torch.randn(2, 3, 20, dtype=torch.float64)
+    grads = layer.per_sample_grads(u, grad_y)
     assert layer.A_imag not in grads and layer.C in grads
 
 
