@@ -11,7 +11,14 @@ import logging
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.site import budget_path, default_state_dir, load_or_plan_budget, load_site, train_round
+from client.site import (
+    budget_path,
+    default_state_dir,
+    evaluate_memorization,
+    load_or_plan_budget,
+    load_site,
+    train_round,
+)
 from common.config import RunSpec
 
 log = logging.getLogger("fedecg.client")
@@ -46,6 +53,13 @@ def handle_train(msg: Message, context: Context, spec: RunSpec) -> Message:
     return Message(content, reply_to=msg)
 
 
+def handle_memorization(msg: Message, context: Context, spec: RunSpec) -> Message:
+    cfg = spec.load()
+    site = load_site(cfg, dict(context.node_config))
+    metrics = evaluate_memorization(cfg, site, msg.content["arrays"].to_torch_state_dict())
+    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
 def build_client_app(spec: RunSpec | None = None) -> ClientApp:
     """A ClientApp bound to `spec`, or (for `flwr run`) reading it from the run config."""
     app = ClientApp()
@@ -53,6 +67,10 @@ def build_client_app(spec: RunSpec | None = None) -> ClientApp:
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         return handle_train(msg, context, spec or RunSpec.from_run_config(dict(context.run_config)))
+
+    @app.evaluate("memorization")
+    def memorization(msg: Message, context: Context) -> Message:
+        return handle_memorization(msg, context, spec or RunSpec.from_run_config(dict(context.run_config)))
 
     return app
 

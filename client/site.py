@@ -186,3 +186,30 @@ def default_state_dir(run_dir: str, run_id: int) -> Path:
     if run_dir:
         return Path(run_dir) / "sites"
     return Path(".fedecg-site-state") / f"run-{run_id}"
+
+
+def evaluate_memorization(cfg: Config, site: SiteData, global_state: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Memorization of the site's own records by the global model, computed inside the site.
+
+    Synthetic records are generated with the conditions of the site's training records; distances to
+    the site's training records are compared with distances to its holdout, and a loss-based membership
+    attack scores training against holdout records. Only these aggregate scalars leave the site.
+    """
+    from common.bundle import build_generator
+    from common.data.ptbxl import select_model_leads
+    from common.evaluation.memorization import site_memorization_metrics
+    from common.generate import generate
+
+    n = min(cfg.evaluation.site_records, len(site.train))
+    if n < 2 or len(site.holdout) < 1:
+        raise ValueError(f"site {site.name}: too few records for a memorization check ({len(site.train)} train, {len(site.holdout)} holdout)")
+    rng = np.random.default_rng(cfg.evaluation.seed)
+    train = site.train.subset(np.sort(rng.choice(site.train.ecg_ids, n, replace=False)))
+    holdout = site.holdout.subset(site.holdout.ecg_ids[: max(1, min(n, len(site.holdout)))])
+    gen = build_generator(cfg, global_state, federated_normalizer(), Path("."))
+    synthetic12 = generate(gen, train.labels, train.demographics, train.demographics_mask, seed=cfg.evaluation.seed, progress=False)
+    metrics = site_memorization_metrics(
+        gen.model, gen.diffusion, gen.normalizer, train, holdout, select_model_leads(synthetic12),
+        max_records=n, mia_timesteps=cfg.evaluation.mia_timesteps, seed=cfg.evaluation.seed,
+    )
+    return {"site-index": site.index, "num-examples": n, **{k.replace("_", "-"): v for k, v in metrics.items()}}

@@ -143,6 +143,7 @@ class EvaluationConfig:
     mia_timesteps: int = 8  # fixed diffusion timesteps averaged per record by the loss attack
     sample_steps: int | None = None  # sampler steps for the synthetic set (None: the bundle's diffusion.sample_steps)
     max_clinical_records: int = 2000  # real records delineated for the clinical comparison
+    site_records: int = 64  # federated runs: records per site for the site-side memorization check (0: skip)
 
 
 @dataclass(frozen=True)

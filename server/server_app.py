@@ -147,12 +147,34 @@ def run_server(grid: Grid, context: Context, spec: RunSpec) -> Path:
             log.warning("round %d: every site has spent its privacy budget; ending the run", server_round)
             break
 
+    if cfg.evaluation.site_records > 0:
+        _site_memorization(grid, arrays, run_dir)
     if cfg.privacy.enabled:
         write_certificate(run_dir / "privacy.json", build_certificate(cfg, ledger.budgets(cfg)))
     _plot_rounds(run_dir)
     (run_dir / "epsilon_table.txt").write_text(ledger.table() + "\n")
     print(f"\nrun directory: {run_dir}\n{ledger.table()}", flush=True)
     return run_dir
+
+
+def _site_memorization(grid: Grid, arrays: ArrayRecord, run_dir: Path) -> None:
+    """Ask every site to check the final model for memorization of its own records; only scalars come back."""
+    from flwr.app import MessageType, RecordDict
+
+    messages = [
+        Message(RecordDict({"arrays": arrays}), dst_node_id=node, message_type=f"{MessageType.EVALUATE}.memorization")
+        for node in grid.get_node_ids()
+    ]
+    results = {}
+    for reply in grid.send_and_receive(messages=messages, timeout=ROUND_TIMEOUT_S):
+        if reply.has_error():
+            log.error("site memorization check failed on node %d: %s", reply.metadata.src_node_id, reply.error.reason)
+            continue
+        metrics = dict(reply.content["metrics"])
+        results[_site_name(metrics)] = metrics
+    (run_dir / "site_memorization.json").write_text(json.dumps(dict(sorted(results.items())), indent=2))
+    for name, metrics in sorted(results.items()):
+        log.info("%s memorization: %s", name, {k: round(v, 4) for k, v in metrics.items() if k not in ("site-index",)})
 
 
 def _is_exhausted_only(message: Message) -> bool:

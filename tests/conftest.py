@@ -7,6 +7,11 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
+
+# One intra-op thread: tiny test models gain nothing from two, and OpenMP spinning on a shared
+# 2-core machine made small ops many times slower.
+torch.set_num_threads(1)
 
 from tests.fixtures_ptbxl import SHARED_PTBXL, TinyPtbxl, make_tiny_ptbxl
 

@@ -232,10 +232,8 @@ def membership_inference(
 
 def _conditioning(dataset: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """The denoiser's conditioning tensors for an ECGDataset: (labels [N,71], encoded demographics)."""
-    from common.data.ptbxl import encode_demographics
-
     labels = torch.as_tensor(np.asarray(dataset.labels), dtype=torch.float32)
-    demo = torch.as_tensor(np.asarray(encode_demographics(dataset.demographics, dataset.demographics_mask)), dtype=torch.float32)
+    demo = torch.as_tensor(np.asarray(dataset.encoded_demographics()), dtype=torch.float32)
     return labels, demo
 
 

@@ -46,6 +46,12 @@ def test_two_site_simulation_runs_end_to_end(federation):
     assert all(0 < s["epsilon"] <= s["target_epsilon"] for s in certificate["sites"])
     assert all(s["steps"] == 6 for s in certificate["sites"])
     assert (run / "samples_round003.png").stat().st_size > 10_000
+    # Memorization is checked inside each site on its own records; only scalars come back.
+    memorization = json.loads((run / "site_memorization.json").read_text())
+    assert set(memorization) == {"site-0", "site-1"}
+    for metrics in memorization.values():
+        assert 0.0 <= metrics["mia-auc"] <= 1.0 and 0.0 <= metrics["near-copy-rate"] <= 1.0
+        assert all(isinstance(v, float | int) for v in metrics.values())
     assert (run / "rounds.png").is_file()
 
 
