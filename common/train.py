@@ -59,17 +59,24 @@ class TrainingData:
 
 
 class EMA:
-    """Exponential moving average of a module's floating-point parameters and buffers."""
+    """Exponential moving average of a module's floating-point parameters and buffers.
+
+    The decay warms up as min(decay, (1 + n) / (10 + n)) after n updates, so short runs are not
+    dominated by the (zero-output) initial weights: 0.999 ** 100 would still keep 90% of them.
+    """
 
     def __init__(self, module: nn.Module, decay: float):
         self.decay = decay
+        self.updates = 0
         self.shadow = {k: v.detach().clone() for k, v in module.state_dict().items() if v.is_floating_point()}
 
     @torch.no_grad()
     def update(self, module: nn.Module) -> None:
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        self.updates += 1
         for name, value in module.state_dict().items():
             if name in self.shadow:
-                self.shadow[name].lerp_(value.detach(), 1.0 - self.decay)
+                self.shadow[name].lerp_(value.detach(), 1.0 - decay)
 
     def copy_to(self, module: nn.Module) -> None:
         state = module.state_dict()

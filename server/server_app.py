@@ -15,13 +15,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.serverapp import Grid, ServerApp
 
 from common.bundle import (
     build_generator,
     latest_checkpoint,
-    load_weights,
     read_checkpoint,
     save_checkpoint,
 )

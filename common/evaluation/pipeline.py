@@ -10,6 +10,11 @@ Three ways to get the synthetic set, one evaluation (`run`):
 
 Real records in `evaluation.test_folds` form the test set (utility, Frechet reference, memorization
 holdout); all other folds form the training set.
+
+In bundle mode the membership attack draws its members from that training set. A generator trained on
+only part of it (sites left out of the federation, local validation splits, data.max_records) never saw
+some of those "members", which pulls the AUC towards 0.5: read it as a lower bound of the risk. Inside a
+federation, `memorization.site_memorization_metrics` runs on each site's exact training records instead.
 """
 
 from __future__ import annotations
@@ -27,18 +32,20 @@ import numpy as np
 from common.config import Config, EvaluationConfig
 
 from . import clinical, fidelity, memorization, report, utility
-from .classifier import ClassifierConfig, embed, train_or_load
+from .classifier import ClassifierConfig, embed
 
 logger = logging.getLogger(__name__)
 
+EINTHOVEN_RECORDS = 200  # records per set read back from their files for the lead-system check
+
 # --quick: every size down so that a small bundle evaluates in minutes on two CPU cores.
 QUICK = {
-    "num_synthetic": 200,
+    "num_synthetic": 128,  # two sampling batches of 64
     "classifier_epochs": 4,
     "classifier_min_steps": 80,
     "low_data_sizes": (100, 500),
     "max_classifier_records": 1000,
-    "mia_records": 100,
+    "mia_records": 64,
     "mia_timesteps": 4,
     "sample_steps": 20,
     "max_clinical_records": 500,
@@ -78,6 +85,10 @@ def resolve_settings(ev: EvaluationConfig, quick: bool | None = None) -> Setting
     for name in ("num_synthetic", "classifier_epochs", "mia_records", "mia_timesteps", "max_clinical_records"):
         if getattr(ev, name) < 1:
             raise ValueError(f"evaluation.{name} must be >= 1, got {getattr(ev, name)}")
+    if ev.sample_steps is not None and ev.sample_steps < 1:
+        raise ValueError(f"evaluation.sample_steps must be >= 1 (or null for the bundle's own), got {ev.sample_steps}")
+    if ev.max_classifier_records is not None and ev.max_classifier_records < 2:
+        raise ValueError(f"evaluation.max_classifier_records must be >= 2 (or null for all), got {ev.max_classifier_records}")
     if ev.classifier_min_steps < 0:
         raise ValueError(f"evaluation.classifier_min_steps must be >= 0, got {ev.classifier_min_steps}")
     if any(n < 2 for n in ev.low_data_sizes):
@@ -113,7 +124,7 @@ class EvalData:
     train: Any  # ECGDataset
     test: Any  # ECGDataset
     synthetic: Any  # ECGDataset
-    synthetic_root: Path | None
+    synthetic_root: Path  # where the synthetic records' files are (the real folder in real_vs_real)
     pairs: np.ndarray
     pairing: str
     bundle: Path | None = None
@@ -175,8 +186,14 @@ def prepare_bundle(
     bundle, real_root, out_dir = Path(bundle), Path(real_root), Path(out_dir)
     gen = load_generator(bundle)
     if settings.sample_steps is not None:
-        gen_cfg = dataclasses.replace(gen.cfg, diffusion=dataclasses.replace(gen.cfg.diffusion, sample_steps=settings.sample_steps))
-        gen = dataclasses.replace(gen, cfg=gen_cfg)
+        own = gen.cfg.diffusion
+        # --quick caps the bundle's own step count; an explicit evaluation.sample_steps replaces it. Fewer
+        # steps than the schedule need DDIM (DDPM runs every step).
+        steps = min(settings.sample_steps, own.sample_steps) if settings.quick else settings.sample_steps
+        steps = min(steps, own.timesteps)
+        sampler = own.sampler if steps == own.timesteps else "ddim"
+        diffusion = dataclasses.replace(own, sample_steps=steps, sampler=sampler)
+        gen = dataclasses.replace(gen, cfg=dataclasses.replace(gen.cfg, diffusion=diffusion))
     train, test = split_folds(_load_real(real_root, cfg, progress), settings.test_folds)
     n = min(settings.num_synthetic, len(train))
     rng = np.random.default_rng(settings.seed)
@@ -229,131 +246,51 @@ def _sample(n_total: int, n: int | None, rng: np.random.Generator) -> np.ndarray
     return np.sort(rng.choice(n_total, n, replace=False))
 
 
+@dataclass
+class _Arrays:
+    """The 12-lead arrays and record samples every section shares."""
+
+    train12: np.ndarray
+    test12: np.ndarray
+    syn12: np.ndarray
+    paired_real12: np.ndarray  # the real training record paired with each synthetic one
+    real_reference: np.ndarray  # indices of held-out test records, as many as synthetic records
+    classifier_records: np.ndarray  # indices of the training records the CNNs learn from
+
+
 def run(data: EvalData, settings: Settings, out_dir: str | Path, cache_dir: str | Path | None, progress: bool = True) -> dict[str, Any]:
     """Compute every metric, write evaluation.json, the plots and report.md; return the report dict."""
-    from common.data.ptbxl import LEAD_NAMES, SUPERCLASSES, Normalizer
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    plots_dir = out_dir / "plots"
-    timings: dict[str, float] = {}
-    plots: dict[str, str] = {}
+    if len(data.synthetic) < 2:
+        raise ValueError(f"need at least 2 synthetic records, got {len(data.synthetic)}")
     rng = np.random.default_rng(settings.seed)
-    cls_cfg = settings.classifier()
-    train, test, syn = data.train, data.test, data.synthetic
-    if len(syn) < 2:
-        raise ValueError(f"need at least 2 synthetic records, got {len(syn)}")
-
-    train12, test12, syn12 = train.signals12(), test.signals12(), syn.signals12()
-    real_ref_idx = _sample(len(test), len(syn), rng)  # held-out real records, as many as synthetic ones
-    cls_idx = _sample(len(train), settings.max_classifier_records, rng)
-
-    # ------------------------------------------------------------------ fidelity
-    t0 = time.perf_counter()
-    ilc = fidelity.interlead_correlation_error(train12, syn12)
-    ilc_ref = fidelity.interlead_correlation_error(train12, test12[real_ref_idx]) if len(real_ref_idx) >= 2 else {"mean": None}
-    psd = fidelity.psd_distance(train12, syn12)
-    psd_ref = fidelity.psd_distance(train12, test12[real_ref_idx]) if len(real_ref_idx) >= 1 else None
-    paired_real = train12[data.pairs]
-    fid: dict[str, Any] = {
-        "interlead_corr_error": ilc["mean"],
-        "interlead_corr_error_max": ilc["max"],
-        "interlead_corr_error_paired": fidelity.paired_interlead_correlation_error(paired_real, syn12),
-        "interlead_corr_error_real_reference": ilc_ref["mean"],
-        "interlead_corr_error_by_superclass": fidelity.interlead_correlation_error_by_class(
-            train12, train.superclasses, syn12, syn.superclasses, SUPERCLASSES),
-        "psd_distance_db": {"mean": float(psd.mean()), "per_lead": dict(zip(LEAD_NAMES, psd.tolist()))},
-        "psd_distance_db_real_reference": float(psd_ref.mean()) if psd_ref is not None else None,
-        "paired": {**fidelity.paired_rmse_snr(paired_real, syn12), "n_pairs": len(syn)},
-    }
-    timings["fidelity"] = time.perf_counter() - t0
-
-    # ------------------------------------------------------------------ utility (its TRTR model is the Frechet space)
-    t0 = time.perf_counter()
+    train12 = data.train.signals12()
+    arrays = _Arrays(
+        train12=train12,
+        test12=data.test.signals12(),
+        syn12=data.synthetic.signals12(),
+        paired_real12=train12[data.pairs],
+        real_reference=_sample(len(data.test), len(data.synthetic), rng),
+        # its own generator: the same real records (hence the same cached CNNs) whatever is evaluated
+        classifier_records=_sample(len(data.train), settings.max_classifier_records, np.random.default_rng([settings.seed, 1])),
+    )
     classifier_cache = Path(cache_dir) / "classifiers" if cache_dir is not None else None
-    real_train_set = utility.LabelSet(train12, train.labels, train.superclasses)
-    test_set = utility.LabelSet(test12, test.labels, test.superclasses)
-    syn_set = utility.LabelSet(syn12, syn.labels, syn.superclasses)
-    ref_model, trtr = utility.train_and_score(real_train_set.subset(cls_idx), test_set, cls_cfg, classifier_cache, progress, "TRTR")
-    trtr_matched = None
-    if data.pairing == "ecg_id":
-        _, trtr_matched = utility.train_and_score(real_train_set.subset(np.sort(data.pairs)), test_set, cls_cfg,
-                                                  classifier_cache, progress, "TRTR matched")
-    _, tstr = utility.train_and_score(syn_set, test_set, cls_cfg, classifier_cache, progress, "TSTR")
-    sizes = tuple(n for n in settings.low_data_sizes if n <= len(train))
-    low = utility.low_data_regime(real_train_set, syn_set, test_set, sizes, cls_cfg, classifier_cache, settings.seed, progress)
-    util = {"trtr": trtr, "trtr_matched": trtr_matched, "tstr": tstr, "low_data": low}
-    timings["utility"] = time.perf_counter() - t0
+    timings: dict[str, float] = {}
+    extras: dict[str, Any] = {}  # what the plots need besides the metrics
 
-    t0 = time.perf_counter()
-    feats_syn = embed(ref_model, syn12)
-    feats_test = embed(ref_model, test12)
-    feats_ref = embed(ref_model, train12[_sample(len(train), len(syn), rng)])
-    ok = len(feats_test) >= 2
-    fid["frechet_distance"] = fidelity.frechet_distance(feats_syn, feats_test) if ok else None
-    fid["frechet_distance_real_reference"] = fidelity.frechet_distance(feats_ref, feats_test) if ok and len(feats_ref) >= 2 else None
-    timings["frechet"] = time.perf_counter() - t0
+    def timed(name: str, fn, *args):
+        start = time.perf_counter()
+        value = fn(*args)
+        timings[name] = time.perf_counter() - start
+        return value
 
-    # ------------------------------------------------------------------ clinical coherence
-    t0 = time.perf_counter()
-    clin_idx = _sample(len(train), settings.max_clinical_records, rng)
-    real_table, real_beats = clinical.features_table(train12[clin_idx], progress=progress)
-    syn_table, syn_beats = clinical.features_table(syn12, progress=progress)
-    stored_real = read_stored_leads(data.real_root, train.meta.iloc[clin_idx[: min(len(clin_idx), 200)]], LEAD_NAMES)
-    stored_syn_meta = syn.meta.iloc[: min(len(syn), 200)]
-    stored_syn = read_stored_leads(data.synthetic_root, stored_syn_meta, LEAD_NAMES) if data.synthetic_root else syn12
-    age_model, sex_model = clinical.train_demographic_predictors(
-        train12[cls_idx], train.demographics[cls_idx, 0], train.demographics[cls_idx, 1], cls_cfg,
-        str(classifier_cache) if classifier_cache else None, progress)
-    clin = {
-        "features": clinical.feature_distances(real_table, syn_table),
-        "beats": {"real": real_beats, "synthetic": syn_beats},
-        "einthoven": {"real": clinical.einthoven_consistency(stored_real), "synthetic": clinical.einthoven_consistency(stored_syn)},
-        "demographics": {
-            "synthetic": clinical.demographic_scores(age_model, sex_model, syn12, syn.demographics[:, 0], syn.demographics[:, 1]),
-            "real_test": clinical.demographic_scores(age_model, sex_model, test12, test.demographics[:, 0], test.demographics[:, 1]),
-        },
-    }
-    timings["clinical"] = time.perf_counter() - t0
-
-    # ------------------------------------------------------------------ memorization
-    t0 = time.perf_counter()
-    normalizer = data.generator.normalizer if data.generator is not None else Normalizer.fit(train.signals)
-
-    def features(x8: np.ndarray):
-        return memorization.distance_features(normalizer.normalize(np.asarray(x8, dtype=np.float32)))
-
-    f_syn, f_train, f_test = features(syn.signals), features(train.signals), features(test.signals)
-    nn_distances: dict[str, np.ndarray] = {}
-    mem: dict[str, Any] = memorization.distance_metrics(f_syn, f_train, f_test, seed=settings.seed, distances=nn_distances)
-    mem["mia"] = None
-    roc = None
-    if data.generator is not None:
-        mem["mia"], roc = _membership(data.generator, train, test, settings, progress)
-    timings["memorization"] = time.perf_counter() - t0
-
-    # ------------------------------------------------------------------ plots and files
-    t0 = time.perf_counter()
-    plots["interlead_correlation"] = report.plot_correlation(
-        fidelity.lead_correlation_matrices(train12).mean(0), fidelity.lead_correlation_matrices(syn12).mean(0),
-        LEAD_NAMES, plots_dir / "interlead_correlation.png")
-    freqs, p_real = fidelity.welch_psd(train12)
-    _, p_syn = fidelity.welch_psd(syn12)
-    plots["psd"] = report.plot_psd(freqs, p_real, p_syn, LEAD_NAMES, plots_dir / "psd.png")
-    plots["clinical_features"] = report.plot_features(real_table, syn_table, clinical.FEATURES, plots_dir / "clinical_features.png")
-    plots["dcr"] = report.plot_dcr(nn_distances["synthetic_to_train_subset"], nn_distances["synthetic_to_holdout"],
-                                   nn_distances["holdout_to_train"], mem["near_copy_threshold"], plots_dir / "dcr.png")
-    if roc is not None:
-        plots["mia_roc"] = report.plot_roc(*roc, mem["mia"]["mia_auc"], plots_dir / "mia_roc.png")
-    plots["utility"] = report.plot_utility(util, plots_dir / "utility.png")
-    from common.plotting import plot_ecg_grid
-
-    k = min(2, len(syn))
-    examples = np.concatenate([syn12[:k], paired_real[:k]])
-    titles = [f"synthetic {int(syn.ecg_ids[i])}" for i in range(k)] + [
-        f"real {int(train.ecg_ids[data.pairs[i]])} (its pair)" for i in range(k)]
-    plots["examples"] = plot_ecg_grid(examples, plots_dir / "examples.png", titles=titles, max_records=2 * k)
-    timings["plots"] = time.perf_counter() - t0
+    fid = timed("fidelity", _fidelity, data, arrays)
+    util, ref_model = timed("utility", _utility, data, arrays, settings, classifier_cache, progress)
+    fid.update(timed("frechet", _frechet, ref_model, arrays, rng))
+    clin = timed("clinical", _clinical, data, arrays, settings, classifier_cache, rng, extras, progress)
+    mem = timed("memorization", _memorization, data, settings, extras, progress)
+    plots = timed("plots", _plots, data, arrays, util, mem, extras, out_dir / "plots")
 
     result = {
         "schema_version": report.SCHEMA_VERSION,
@@ -362,12 +299,12 @@ def run(data: EvalData, settings: Settings, out_dir: str | Path, cache_dir: str 
         "quick": settings.quick,
         "inputs": {
             "real": str(data.real_root),
-            "synthetic": str(data.synthetic_root) if data.synthetic_root and data.mode != "real_vs_real" else None,
+            "synthetic": str(data.synthetic_root) if data.mode != "real_vs_real" else None,
             "bundle": str(data.bundle) if data.bundle else None,
             "test_folds": list(settings.test_folds),
-            "n_real_train": len(train),
-            "n_real_test": len(test),
-            "n_synthetic": len(syn),
+            "n_real_train": len(data.train),
+            "n_real_test": len(data.test),
+            "n_synthetic": len(data.synthetic),
             "pairing": data.pairing,
         },
         "settings": settings.to_dict(),
@@ -381,6 +318,127 @@ def run(data: EvalData, settings: Settings, out_dir: str | Path, cache_dir: str 
     report.write_json(result, out_dir)
     report.write_markdown(result, out_dir)
     return report.to_jsonable(result)
+
+
+def _fidelity(data: EvalData, a: _Arrays) -> dict[str, Any]:
+    from common.data.ptbxl import LEAD_NAMES, SUPERCLASSES
+
+    ilc = fidelity.interlead_correlation_error(a.train12, a.syn12)
+    reference = a.test12[a.real_reference]
+    psd = fidelity.psd_distance(a.train12, a.syn12)
+    return {
+        "interlead_corr_error": ilc["mean"],
+        "interlead_corr_error_max": ilc["max"],
+        "interlead_corr_error_paired": fidelity.paired_interlead_correlation_error(a.paired_real12, a.syn12),
+        "interlead_corr_error_real_reference":
+            fidelity.interlead_correlation_error(a.train12, reference)["mean"] if len(reference) >= 2 else None,
+        "interlead_corr_error_by_superclass": fidelity.interlead_correlation_error_by_class(
+            a.train12, data.train.superclasses, a.syn12, data.synthetic.superclasses, SUPERCLASSES),
+        "psd_distance_db": {"mean": float(psd.mean()), "per_lead": dict(zip(LEAD_NAMES, psd.tolist()))},
+        "psd_distance_db_real_reference": float(fidelity.psd_distance(a.train12, reference).mean()),
+        "paired": {**fidelity.paired_rmse_snr(a.paired_real12, a.syn12), "n_pairs": len(a.syn12)},
+    }
+
+
+def _utility(data: EvalData, a: _Arrays, settings: Settings, cache: Path | None, progress: bool) -> tuple[dict[str, Any], Any]:
+    """TRTR (whose model is also the Frechet feature space), TRTR matched, TSTR and the low-data regime."""
+    cfg = settings.classifier()
+    real = utility.LabelSet(a.train12, data.train.labels, data.train.superclasses)
+    test = utility.LabelSet(a.test12, data.test.labels, data.test.superclasses)
+    syn = utility.LabelSet(a.syn12, data.synthetic.labels, data.synthetic.superclasses)
+    ref_model, trtr = utility.train_and_score(real.subset(a.classifier_records), test, cfg, cache, progress, "TRTR")
+    trtr_matched = None
+    if data.pairing == "ecg_id":  # the very records whose labels the synthetic set was conditioned on
+        _, trtr_matched = utility.train_and_score(real.subset(np.sort(data.pairs)), test, cfg, cache, progress, "TRTR matched")
+    _, tstr = utility.train_and_score(syn, test, cfg, cache, progress, "TSTR")
+    sizes = tuple(n for n in settings.low_data_sizes if n <= len(real))
+    low = utility.low_data_regime(real, syn, test, sizes, cfg, cache, settings.seed, progress)
+    return {"trtr": trtr, "trtr_matched": trtr_matched, "tstr": tstr, "low_data": low}, ref_model
+
+
+def _frechet(ref_model: Any, a: _Arrays, rng: np.random.Generator) -> dict[str, float | None]:
+    feats_test = embed(ref_model, a.test12)
+    if len(feats_test) < 2:
+        return {"frechet_distance": None, "frechet_distance_real_reference": None}
+    feats_ref = embed(ref_model, a.train12[_sample(len(a.train12), len(a.syn12), rng)])
+    return {
+        "frechet_distance": fidelity.frechet_distance(embed(ref_model, a.syn12), feats_test),
+        "frechet_distance_real_reference": fidelity.frechet_distance(feats_ref, feats_test),
+    }
+
+
+def _clinical(data: EvalData, a: _Arrays, settings: Settings, cache: Path | None, rng: np.random.Generator,
+              extras: dict[str, Any], progress: bool) -> dict[str, Any]:
+    from common.data.ptbxl import LEAD_NAMES
+
+    clin_idx = _sample(len(a.train12), settings.max_clinical_records, rng)
+    real_table, real_beats = clinical.features_table(a.train12[clin_idx], progress=progress)
+    syn_table, syn_beats = clinical.features_table(a.syn12, progress=progress)
+    extras["feature_tables"] = (real_table, syn_table)
+    # Lead-system consistency needs the leads as stored in the files (the loader keeps 8 and derives 4).
+    stored_real = read_stored_leads(data.real_root, data.train.meta.iloc[clin_idx[:EINTHOVEN_RECORDS]], LEAD_NAMES)
+    stored_syn = read_stored_leads(data.synthetic_root, data.synthetic.meta.iloc[:EINTHOVEN_RECORDS], LEAD_NAMES)
+    idx = a.classifier_records
+    age_model, sex_model = clinical.train_demographic_predictors(
+        a.train12[idx], data.train.demographics[idx, 0], data.train.demographics[idx, 1], settings.classifier(),
+        str(cache) if cache else None, progress)
+
+    def demo_scores(x12: np.ndarray, ds: Any) -> dict[str, float | None]:
+        return clinical.demographic_scores(age_model, sex_model, x12, ds.demographics[:, 0], ds.demographics[:, 1])
+
+    return {
+        "features": clinical.feature_distances(real_table, syn_table),
+        "beats": {"real": real_beats, "synthetic": syn_beats},
+        "einthoven": {"real": clinical.einthoven_consistency(stored_real), "synthetic": clinical.einthoven_consistency(stored_syn)},
+        "demographics": {"synthetic": demo_scores(a.syn12, data.synthetic), "real_test": demo_scores(a.test12, data.test)},
+    }
+
+
+def _memorization(data: EvalData, settings: Settings, extras: dict[str, Any], progress: bool) -> dict[str, Any]:
+    from common.data.ptbxl import Normalizer
+
+    # The generator's own normalization when there is one; else one fitted on the real training records.
+    normalizer = data.generator.normalizer if data.generator is not None else Normalizer.fit(data.train.signals)
+
+    def features(x8: np.ndarray):
+        return memorization.distance_features(normalizer.normalize(np.asarray(x8, dtype=np.float32)))
+
+    distances: dict[str, np.ndarray] = {}
+    mem: dict[str, Any] = memorization.distance_metrics(
+        features(data.synthetic.signals), features(data.train.signals), features(data.test.signals),
+        seed=settings.seed, distances=distances)
+    extras["nn_distances"] = distances
+    mem["mia"] = None
+    if data.generator is not None:
+        mem["mia"], extras["roc"] = _membership(data.generator, data.train, data.test, settings, progress)
+    return mem
+
+
+def _plots(data: EvalData, a: _Arrays, util: dict[str, Any], mem: dict[str, Any], extras: dict[str, Any],
+           plots_dir: Path) -> dict[str, Path]:
+    from common.data.ptbxl import LEAD_NAMES
+    from common.plotting import plot_ecg_grid
+
+    plots: dict[str, Path] = {}
+    plots["interlead_correlation"] = report.plot_correlation(
+        fidelity.lead_correlation_matrices(a.train12).mean(0), fidelity.lead_correlation_matrices(a.syn12).mean(0),
+        LEAD_NAMES, plots_dir / "interlead_correlation.png")
+    freqs, p_real = fidelity.welch_psd(a.train12)
+    _, p_syn = fidelity.welch_psd(a.syn12)
+    plots["psd"] = report.plot_psd(freqs, p_real, p_syn, LEAD_NAMES, plots_dir / "psd.png")
+    plots["clinical_features"] = report.plot_features(*extras["feature_tables"], clinical.FEATURES, plots_dir / "clinical_features.png")
+    d = extras["nn_distances"]
+    plots["dcr"] = report.plot_dcr(d["synthetic_to_train_subset"], d["synthetic_to_holdout"], d["holdout_to_train"],
+                                   mem["near_copy_threshold"], plots_dir / "dcr.png")
+    if "roc" in extras:
+        plots["mia_roc"] = report.plot_roc(*extras["roc"], mem["mia"]["mia_auc"], plots_dir / "mia_roc.png")
+    plots["utility"] = report.plot_utility(util, plots_dir / "utility.png")
+    k = min(2, len(a.syn12))
+    titles = [f"synthetic {int(data.synthetic.ecg_ids[i])}" for i in range(k)] + [
+        f"real {int(data.train.ecg_ids[data.pairs[i]])} (its pair)" for i in range(k)]
+    plots["examples"] = plot_ecg_grid(np.concatenate([a.syn12[:k], a.paired_real12[:k]]), plots_dir / "examples.png",
+                                      titles=titles, max_records=2 * k)
+    return plots
 
 
 def _membership(gen: Any, train: Any, test: Any, settings: Settings, progress: bool) -> tuple[dict[str, float], tuple[np.ndarray, np.ndarray]]:

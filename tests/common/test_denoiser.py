@@ -14,13 +14,6 @@ from common.model.s4 import modules_on_functorch_fallback
 LENGTH = 200  # the model is length-agnostic; short signals keep these tests fast
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors: one thread is as fast, and immune to OpenMP stalls when other processes share the cores.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 

@@ -20,13 +20,6 @@ from common.model.denoiser import build_denoiser
 LEADS = ["I", "II", "V1", "V2", "V3", "V4", "V5", "V6"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors: one thread is as fast, and immune to OpenMP stalls when other processes share the cores.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _tiny(seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Module:

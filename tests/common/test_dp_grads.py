@@ -24,13 +24,6 @@ LENGTH = 96
 MEL_WEIGHT = 0.5  # larger than MIDT's 0.02 so the mel term visibly shapes the gradients
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors: one thread is as fast, and immune to OpenMP stalls when other processes share the cores.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class PerExampleLoss(nn.Module):

@@ -149,3 +149,34 @@ def test_bundle_mode_samples_like_the_training_records_and_attacks_the_model(fol
     assert (out / "synthetic" / "ptbxl_database.csv").is_file()  # the sampled cohort, in PTB-XL format
     assert result["memorization"]["mia"]["mia_n_members"] == 8
     assert "mia_roc" in result["plots"]
+
+
+def test_real_vs_real_mode_uses_unseen_real_records_as_the_synthetic_set(folders, tmp_path, one_torch_thread):
+    real, _ = folders
+    out = tmp_path / "rvr"
+    overrides = TINY_SETTINGS + ["evaluation.num_synthetic=16", f"data.cache_dir={tmp_path / 'cache'}"]
+    assert main(["evaluate", "--real-vs-real", "--data", str(real), "--out", str(out), "--quiet",
+                 *[arg for s in overrides for arg in ("--set", s)]]) == 0
+    result = json.loads((out / "evaluation.json").read_text())
+    report.validate(result)
+    assert result["mode"] == "real_vs_real" and result["inputs"]["synthetic"] is None
+    assert result["inputs"]["pairing"] == "labels" and result["utility"]["trtr_matched"] is None
+    # half A trains, 16 records of half B (other patients) play the synthetic set
+    assert result["inputs"]["n_synthetic"] == 16 and result["inputs"]["n_real_train"] + 16 <= 64
+
+
+def test_quick_caps_every_size_and_bad_settings_are_named():
+    from common.config import EvaluationConfig
+    from common.evaluation.pipeline import QUICK, resolve_settings
+
+    quick = resolve_settings(EvaluationConfig(), quick=True)
+    assert quick.num_synthetic == QUICK["num_synthetic"] and quick.low_data_sizes == (100, 500)
+    assert quick.max_classifier_records == QUICK["max_classifier_records"] and quick.sample_steps == QUICK["sample_steps"]
+    small = resolve_settings(EvaluationConfig(num_synthetic=50, sample_steps=5), quick=True)
+    assert small.num_synthetic == 50 and small.sample_steps == 5  # quick never raises a size
+    full = resolve_settings(EvaluationConfig())
+    assert full.max_classifier_records is None and full.low_data_sizes == (100, 500, 1000)
+    with pytest.raises(ValueError, match="evaluation.mia_records must be >= 1"):
+        resolve_settings(EvaluationConfig(mia_records=0))
+    with pytest.raises(ValueError, match="evaluation.test_folds is empty"):
+        resolve_settings(EvaluationConfig(test_folds=()))

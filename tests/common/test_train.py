@@ -92,6 +92,20 @@ def test_proximal_step_pulls_towards_the_global_weights():
     assert drift[50.0] < drift[0.0]
 
 
+def test_ema_warms_up_so_short_runs_follow_the_weights():
+    cfg = _cfg(enabled=False)
+    model = build_denoiser(cfg.model)
+    ema = EMA(model, decay=0.999)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    for _ in range(100):
+        ema.update(model)
+    name, value = next((k, v) for k, v in model.state_dict().items() if v.is_floating_point())
+    # Without warm-up, 0.999 ** 100 = 90% of the initial weights would remain; with it, under 10%.
+    assert torch.allclose(ema.shadow[name], value, atol=0.1)
+
+
 def test_ema_tracks_weights():
     cfg = _cfg(enabled=False)
     model = build_denoiser(cfg.model)
