@@ -308,7 +308,8 @@ def plot_dcr(d_syn_train: np.ndarray, d_syn_hold: np.ndarray, d_hold_train: np.n
 def plot_roc(fpr: np.ndarray, tpr: np.ndarray, auc: float, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
     ax.plot(fpr, tpr, label=f"loss attack (AUC {auc:.3f})")
-    ax.plot([0, 1], [0, 1], "k--", lw=0.8, label="chance")
+    grid = np.logspace(-3, 0, 100)
+    ax.plot(grid, grid, "k--", lw=0.8, label="chance")  # TPR = FPR, drawn on the log axis
     ax.set_xscale("log")
     ax.set_xlim(1e-3, 1)
     ax.set_xlabel("false positive rate (log)")
