@@ -115,7 +115,13 @@ def export_bundle(run_dir: Path, out: Path, evaluation: Path | None = None) -> P
     evaluation_path = evaluation or run_dir / "evaluation.json"
     evaluation = None
     if evaluation_path.is_file():
+        from common.evaluation.report import SchemaError, validate
+
         evaluation = json.loads(evaluation_path.read_text())
+        try:
+            validate(evaluation)
+        except SchemaError as err:
+            raise ValueError(f"{evaluation_path} is not a fedecg evaluation report: {err}") from err
         files["evaluation.json"] = evaluation_path
     elif evaluation is not None:
         raise FileNotFoundError(f"--evaluation {evaluation_path}: no such file")

@@ -98,6 +98,13 @@ def test_bundle_export_verify_and_sample(federation, _tiny_ptbxl_template):
     assert synthetic.signals.shape == (3, 8, 1000)
 
 
+def test_export_includes_a_valid_evaluation_and_refuses_an_invalid_one(federation):
+    bad = federation["base"] / "not-an-evaluation.json"
+    bad.write_text(json.dumps({"fidelity": {}}))
+    with pytest.raises(ValueError, match="not a fedecg evaluation report"):
+        export_bundle(federation["straight"], federation["base"] / "bundle-bad-eval", evaluation=bad)
+
+
 def test_corrupted_bundle_is_refused(federation):
     bundle = federation["base"] / "bundle-corrupt"
     export_bundle(federation["straight"], bundle)
