@@ -26,10 +26,6 @@ VERIFY_RTOL = 1e-6
 History = list[tuple[float, float, int]]
 
 
-class BudgetExhausted(RuntimeError):
-    """The site cannot take another step without exceeding its target epsilon."""
-
-
 def epsilon_of(history: History, delta: float, accountant: str) -> float:
     """Epsilon of the composition of every (sigma, q, steps) entry in `history`."""
     if not history or all(steps == 0 for _, _, steps in history):
