@@ -233,14 +233,18 @@ class Supervisor:
                 _signal(proc, sig, group=proc in roots)
             deadline = time.monotonic() + wait_s
             while time.monotonic() < deadline:
-                for popen in self.popens.values():
-                    popen.poll()  # reap our own children so they do not linger as zombies
+                self._reap()
                 if not self.running():
+                    self._reap()  # a child that died since the last poll is a zombie until reaped
                     return []
                 time.sleep(0.1)
+        self._reap()
+        return self.running()
+
+    def _reap(self) -> None:
+        """Collect our own children's exit status so they do not linger as zombies."""
         for popen in self.popens.values():
             popen.poll()
-        return self.running()
 
     def log_tail(self, name: str, lines: int = 40) -> str:
         path = self.log_dir / f"{name}.log"
