@@ -531,6 +531,19 @@ def _finish(supervisor: Supervisor, error: BaseException | None) -> dict[Process
     return processes
 
 
+def _stage_run(config_path, overrides, data_root, run_dir, project, label: str):
+    """What both ways of running need: resolved inputs, the site count, a run dir, the staged app, its run config."""
+    config_path, overrides, cfg, root = _resolved_inputs(config_path, overrides, data_root)
+    num_sites = _count_sites(cfg)
+    run_dir = _prepare_run_dir(run_dir, cfg, label)
+    app = stage_app(Path(project), run_dir / ".flwr" / "app")
+    run_config = write_toml_table(
+        run_dir / ".flwr" / "run_config.toml",
+        {"config-path": str(config_path), "overrides": ";".join(overrides), "run-dir": str(run_dir)},
+    )
+    return config_path, overrides, cfg, root, num_sites, run_dir, app, run_config
+
+
 def run_loopback_deployment(
     config_path: str | Path,
     overrides: Sequence[str] = (),
@@ -545,15 +558,10 @@ def run_loopback_deployment(
     Each SuperNode gets node_config `site` (its index), `data-root` and `state-dir`. Raises DeploymentError
     (after stopping every process) if a process dies, the run fails or times out, or outputs are missing.
     """
-    config_path, overrides, cfg, root = _resolved_inputs(config_path, overrides, data_root)
-    num_sites = _count_sites(cfg)
-    run_dir = _prepare_run_dir(run_dir, cfg, "loopback")
-    flwr_homes = run_dir / ".flwr"
-    app = stage_app(Path(project), run_dir / ".flwr" / "app")
-    run_config = write_toml_table(
-        run_dir / ".flwr" / "run_config.toml",
-        {"config-path": str(config_path), "overrides": ";".join(overrides), "run-dir": str(run_dir)},
+    config_path, overrides, cfg, root, num_sites, run_dir, app, run_config = _stage_run(
+        config_path, overrides, data_root, run_dir, project, "loopback"
     )
+    flwr_homes = run_dir / ".flwr"
     link_port, *node_ports = free_ports(1 + num_sites)
     cli_home = flwr_homes / "cli"  # each Flower process has its own FLWR_HOME: FAB installs never race
     write_superlink_connection(cli_home, CONNECTION, f"{LOOPBACK}:{link_port}")
@@ -628,15 +636,10 @@ def run_flwr_local_simulation(
     """
     if not PROC.is_dir():
         raise DeploymentError("finding the SuperLink that `flwr run` leaves running needs /proc (Linux)")
-    config_path, overrides, cfg, _ = _resolved_inputs(config_path, overrides, data_root)
-    num_sites = _count_sites(cfg)
-    run_dir = _prepare_run_dir(run_dir, cfg, "flwr-run")
-    flwr_home = run_dir / ".flwr" / "cli"
-    app = stage_app(Path(project), run_dir / ".flwr" / "app")
-    run_config = write_toml_table(
-        run_dir / ".flwr" / "run_config.toml",
-        {"config-path": str(config_path), "overrides": ";".join(overrides), "run-dir": str(run_dir)},
+    config_path, overrides, cfg, _, num_sites, run_dir, app, run_config = _stage_run(
+        config_path, overrides, data_root, run_dir, project, "flwr-run"
     )
+    flwr_home = run_dir / ".flwr" / "cli"
     # Ray's socket paths must stay under 107 bytes, so its folder is short and in /tmp; unique, so that
     # any Ray process of this run can be recognised by it.
     ray_tmp = Path(tempfile.mkdtemp(prefix="fedecg-ray-", dir="/tmp"))
