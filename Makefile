@@ -16,6 +16,8 @@ export PTBXL_DIR
 DEMO_RECORDS ?= 3000
 DEMO_RUN ?= runs/quickstart
 DEMO_BUNDLE ?= runs/quickstart-bundle
+# The demo's simulated sites keep their ledgers apart from real runs'; `make demo` resets them explicitly.
+DEMO_SITES ?= .fedecg/demo-sites
 
 .PHONY: setup demo test bench clean
 
@@ -39,7 +41,8 @@ data-check: setup
 demo: setup data-check
 	$(VENV)/bin/fedecg data verify "$(PTBXL_DIR)"
 	rm -rf "$(DEMO_RUN)" "$(DEMO_BUNDLE)"
-	$(VENV)/bin/fedecg simulate --config configs/quickstart.yaml --out "$(DEMO_RUN)"
+	$(VENV)/bin/fedecg privacy ledger reset --dir "$(DEMO_SITES)" --reason "make demo: simulated sites, rerun"
+	$(VENV)/bin/fedecg simulate --config configs/quickstart.yaml --set federation.site_state_dir="$(DEMO_SITES)" --out "$(DEMO_RUN)"
 	$(VENV)/bin/fedecg export --run "$(DEMO_RUN)" --out "$(DEMO_BUNDLE)"
 	$(VENV)/bin/fedecg privacy verify "$(DEMO_BUNDLE)"
 	$(VENV)/bin/fedecg sample --bundle "$(DEMO_BUNDLE)" --n 4 --labels NORM --age 67 --sex female --out "$(DEMO_RUN)/samples"
@@ -57,4 +60,4 @@ bench: setup
 	$(PY) -m simulations.benchmarks.bench_model --size small --batch 32
 
 clean:
-	rm -rf $(VENV) .pytest_cache .cache .flwr runs
+	rm -rf $(VENV) .pytest_cache .cache .flwr runs $(DEMO_SITES)

@@ -1,7 +1,7 @@
-"""Flower ClientApp: context -> site data -> common.train -> weights + scalar metrics.
+"""Flower ClientApp: context -> site data -> common.train -> weights + public numbers.
 
-The accountant's history survives rounds in `context.state` and, for resumed runs and deployments,
-in a JSON file under the node's state directory (node_config `state-dir`, else the run directory).
+The site's privacy ledger and secret key live in its state directory (node_config `state-dir`, else
+`federation.site_state_dir`), keyed by its records, so they span rounds, restarts and runs.
 """
 
 from __future__ import annotations
@@ -11,53 +11,45 @@ import logging
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.site import (
-    budget_path,
-    default_state_dir,
-    evaluate_memorization,
-    load_or_plan_budget,
-    load_site,
-    train_round,
-)
+from client.site import evaluate_memorization, load_site, open_ledger, train_round
 from common.config import RunSpec
 
 log = logging.getLogger("fedecg.client")
-BUDGET_KEY = "fedecg-privacy"
 
 
 def handle_train(msg: Message, context: Context, spec: RunSpec) -> Message:
     cfg = spec.load()
-    site = load_site(cfg, dict(context.node_config))
+    node_config = dict(context.node_config)
+    site = load_site(cfg, node_config)
+    ledger = open_ledger(cfg, site, node_config)
     config = msg.content["config"]
     server_round = int(config["server-round"])
-    budget = None
-    state_file = None
-    if cfg.privacy.enabled:
-        state_dir = context.node_config.get("state-dir") or default_state_dir(spec.run_dir, context.run_id)
-        state_file = budget_path(str(state_dir), site.name)
-        stored = context.state[BUDGET_KEY]["budget"] if BUDGET_KEY in context.state else None
-        budget = load_or_plan_budget(cfg, site, stored, state_file)
-    global_state = msg.content["arrays"].to_torch_state_dict()
-    state, metrics = train_round(
-        cfg, site, global_state, server_round, budget, proximal_mu=float(config.get("proximal-mu", 0.0))
+    if "run-key" not in config:
+        raise ValueError("the server sent no run-key: it names this run in the site's ledger")
+    state, metrics, budget = train_round(
+        cfg, site, ledger, msg.content["arrays"].to_torch_state_dict(), server_round, str(config["run-key"]),
+        proximal_mu=float(config.get("proximal-mu", 0.0)),
     )
+    content = RecordDict({"metrics": MetricRecord(metrics), "site": ConfigRecord({"name": site.name})})
     if budget is not None:
-        text = budget.to_json()
-        context.state[BUDGET_KEY] = ConfigRecord({"budget": text})
-        state_file.parent.mkdir(parents=True, exist_ok=True)
-        state_file.write_text(text)
-    if metrics["budget-exhausted"] and metrics["steps"] == 0:
+        content["privacy"] = ConfigRecord({"budget": budget.to_json()})
+    if state is None:
         log.warning("site %s: privacy budget exhausted, no step taken in round %d", site.name, server_round)
-        return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
-    content = RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord(metrics)})
+    else:
+        content["arrays"] = ArrayRecord(state)
     return Message(content, reply_to=msg)
 
 
 def handle_memorization(msg: Message, context: Context, spec: RunSpec) -> Message:
+    """The check runs on the site's records and its report stays there; the server learns that it ran."""
     cfg = spec.load()
-    site = load_site(cfg, dict(context.node_config))
-    metrics = evaluate_memorization(cfg, site, msg.content["arrays"].to_torch_state_dict())
-    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+    node_config = dict(context.node_config)
+    site = load_site(cfg, node_config)
+    path = evaluate_memorization(cfg, site, open_ledger(cfg, site, node_config), msg.content["arrays"].to_torch_state_dict())
+    log.info("site %s: memorization report written to %s", site.name, path)
+    content = RecordDict({"metrics": MetricRecord({"site-index": site.index, "memorization-checked": 1}),
+                          "site": ConfigRecord({"name": site.name})})
+    return Message(content, reply_to=msg)
 
 
 def build_client_app(spec: RunSpec | None = None) -> ClientApp:

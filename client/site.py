@@ -1,7 +1,9 @@
-"""What a hospital (site) does: find its own records, keep its privacy budget, train a round, evaluate locally.
+"""What a hospital (site) does: find its own records, keep its privacy ledger, train a round, evaluate locally.
 
 The Flower handlers in client_app.py are thin adapters over these functions, which a unit test can call
-directly. Nothing here returns records: only weights and aggregate numbers leave the site.
+directly. What leaves a site under DP: the weights, and numbers that are functions of the public plan
+(the declared record count N, the noise, sample rate and planned steps, the steps taken and the epsilon
+spent). Losses, timings and memorization reports stay in the site's own state directory.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,8 +25,9 @@ from common.data.ptbxl import ECGDataset, load_dataset, load_metadata
 from common.diffusion import GaussianDiffusion
 from common.model.denoiser import build_denoiser
 from common.normalization import federated_normalizer
-from common.privacy import SiteBudget, plan_budget
-from common.train import TrainingData, train_local
+from common.privacy import SiteBudget, SiteLedger, plan_budget
+from common.privacy.certificate import planned_steps
+from common.train import TrainingData, TrainResult, train_local
 
 log = logging.getLogger("fedecg.client")
 
@@ -34,11 +38,10 @@ class SiteData:
     name: str
     train: ECGDataset
     holdout: ECGDataset  # the site's local validation share: never trained on
-    max_records_per_patient: int
 
     @property
-    def num_patients(self) -> int:
-        return int(len(np.unique(self.train.patient_ids)))
+    def record_ids(self) -> list[int]:
+        return sorted(int(i) for i in np.concatenate([self.train.ecg_ids, self.holdout.ecg_ids]))
 
 
 _SITE_CACHE: dict[tuple[str, str], SiteData] = {}
@@ -87,39 +90,19 @@ def load_site(cfg: Config, node_config: dict[str, Any]) -> SiteData:
     dataset = load_dataset(data_cfg, ecg_ids=sorted(set(train_ids) | set(site.val_ids)), progress=False)
     train = dataset.subset(train_ids)
     holdout = dataset.subset(list(site.val_ids))
-    _, counts = np.unique(train.patient_ids, return_counts=True)
-    data = SiteData(index=index, name=site.name, train=train, holdout=holdout, max_records_per_patient=int(counts.max(initial=0)))
+    data = SiteData(index=index, name=site.name, train=train, holdout=holdout)
     _SITE_CACHE[key] = data
     return data
 
 
-def budget_path(state_dir: str | Path, site: str) -> Path:
-    return Path(state_dir) / f"site_{site}" / "privacy_budget.json"
+def open_ledger(cfg: Config, site: SiteData, node_config: dict[str, Any]) -> SiteLedger:
+    """The site's state directory (ledger, secret key, local logs): node_config `state-dir`, else the config's."""
+    root = node_config.get("state-dir") or cfg.federation.site_state_dir
+    return SiteLedger.open(root, site.name, site.record_ids)
 
 
-def load_or_plan_budget(cfg: Config, site: SiteData, stored: str | None, state_file: Path | None) -> SiteBudget:
-    """The site's budget: from this run's state, else from disk (resumed runs), else planned afresh."""
-    text = stored
-    if text is None and state_file is not None and state_file.is_file():
-        text = state_file.read_text()
-    if text is not None:
-        budget = SiteBudget.from_json(text)
-        if budget.site != site.name:
-            raise ValueError(f"stored budget belongs to site {budget.site}, not {site.name}")
-        return budget
-    planned = cfg.federation.rounds * cfg.federation.local_steps
-    return plan_budget(
-        site=site.name,
-        privacy=cfg.privacy,
-        batch_size=cfg.train.batch_size,
-        num_records=len(site.train),
-        num_patients=site.num_patients,
-        max_records_per_patient=site.max_records_per_patient,
-        planned_steps=planned,
-    )
-
-
-def round_seed(cfg: Config, site: str, server_round: int) -> int:
+def public_seed(cfg: Config, site: str, server_round: int) -> int:
+    """Seed of a non-private round (reproducible from the config by design: nothing is promised)."""
     digest = hashlib.sha256(f"{cfg.train.seed}/{site}/{server_round}".encode()).digest()
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
@@ -127,73 +110,82 @@ def round_seed(cfg: Config, site: str, server_round: int) -> int:
 def train_round(
     cfg: Config,
     site: SiteData,
+    ledger: SiteLedger,
     global_state: dict[str, torch.Tensor],
     server_round: int,
-    budget: SiteBudget | None,
+    run_key: str,
     proximal_mu: float,
     progress: bool = False,
-) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    """One round of local training from the global weights; returns plain weights and scalar metrics."""
-    seed = round_seed(cfg, site.name, server_round)
-    torch.manual_seed(seed)
+) -> tuple[dict[str, torch.Tensor] | None, dict[str, float], SiteBudget | None]:
+    """One round of local training from the global weights.
+
+    Returns (weights or None when the budget is spent, the public metrics, the budget). Under DP the steps
+    are reserved in the ledger before the first one is taken, and every draw comes from the ledger's secret.
+    """
     model = build_denoiser(cfg.model)
     model.load_state_dict(global_state)
     data = TrainingData.from_dataset(site.train, federated_normalizer())
-    result = train_local(
-        model,
-        GaussianDiffusion(cfg.diffusion),
-        data,
-        cfg,
-        steps=cfg.federation.local_steps,
-        budget=budget,
-        proximal_mu=proximal_mu,
-        seed=seed,
-        progress=progress,
-        description=f"site {site.name} round {server_round}",
-    )
-    metrics: dict[str, float] = {
-        "site-index": site.index,
-        "num-examples": int(result.examples),
-        "steps": int(result.steps),
-        "loss": float(result.loss),
-        "eps-loss": float(result.eps_loss),
-        "mel-loss": float(result.mel_loss),
-        "train-seconds": float(result.seconds),
-        "num-records": len(site.train),
-        "num-patients": site.num_patients,
-        "max-records-per-patient": site.max_records_per_patient,
-        "budget-exhausted": int(result.budget_exhausted),
+    diffusion = GaussianDiffusion(cfg.diffusion)
+    description = f"site {site.name} round {server_round}"
+    if not cfg.privacy.enabled:
+        result = train_local(model, diffusion, data, cfg, steps=cfg.federation.local_steps, proximal_mu=proximal_mu,
+                             seed=public_seed(cfg, site.name, server_round), progress=progress, description=description)
+        _log_round(ledger, server_round, result)
+        metrics = {**_plan_metrics(site, result.steps), "loss": result.loss, "eps-loss": result.eps_loss,
+                   "mel-loss": result.mel_loss, "train-seconds": result.seconds}
+        return _plain(model), metrics, None
+    with ledger.locked():
+        budget = ledger.budget(run_key, lambda: plan_budget(
+            site.name, cfg.privacy, cfg.train.batch_size, len(site.train), planned_steps(cfg, "federated")))
+        steps = ledger.reserve(run_key, budget, cfg.federation.local_steps)
+        randomness = ledger.next_randomness()
+        if steps == 0:
+            return None, _budget_metrics(site, budget, 0), budget
+        result = train_local(model, diffusion, data, cfg, steps=steps, budget=budget, randomness=randomness,
+                             proximal_mu=proximal_mu, progress=progress, description=description)
+    _log_round(ledger, server_round, result)
+    return _plain(model), _budget_metrics(site, budget, steps), budget
+
+
+def _plain(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
+def _plan_metrics(site: SiteData, steps: int) -> dict[str, float]:
+    # N is published (the certificate's replace-one relation), so FedAvg may weight by it.
+    return {"site-index": site.index, "num-records": len(site.train), "steps": steps}
+
+
+def _budget_metrics(site: SiteData, budget: SiteBudget, steps: int) -> dict[str, float]:
+    """Functions of the public plan only: the declared N, the plan, the steps taken, the epsilon spent."""
+    return {
+        **_plan_metrics(site, steps),
+        "steps-total": budget.steps,
+        "planned-steps": budget.planned_steps,
+        "epsilon": budget.epsilon(),
+        "budget-exhausted": int(budget.exhausted),
     }
-    if budget is not None:
-        metrics.update(
-            {
-                "epsilon": budget.epsilon(),
-                "target-epsilon": budget.target_epsilon,
-                "delta": budget.delta,
-                "noise-multiplier": budget.noise_multiplier,
-                "max-grad-norm": budget.max_grad_norm,
-                "sample-rate": budget.sample_rate,
-                "steps-total": budget.steps,
-                "planned-steps": budget.planned_steps,
-            }
-        )
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    return state, metrics
 
 
-def default_state_dir(run_dir: str, run_id: int) -> Path:
-    """Where a site keeps its accountant history: the run directory in simulation, else a per-run folder."""
-    if run_dir:
-        return Path(run_dir) / "sites"
-    return Path(".fedecg-site-state") / f"run-{run_id}"
+def _log_round(ledger: SiteLedger, server_round: int, result: TrainResult) -> None:
+    """The site's own training log: losses and timings stay here, for the site's operator."""
+    path = ledger.directory / "train_log.csv"
+    new = not path.exists()
+    with path.open("a") as handle:
+        if new:
+            handle.write("time,round,steps,loss,eps_loss,mel_loss,seconds,empty_batches\n")
+        handle.write(f"{time.time():.0f},{server_round},{result.steps},{result.loss:.6g},{result.eps_loss:.6g},"
+                     f"{result.mel_loss:.6g},{result.seconds:.3f},{result.empty_batches}\n")
 
 
-def evaluate_memorization(cfg: Config, site: SiteData, global_state: dict[str, torch.Tensor]) -> dict[str, float]:
+def evaluate_memorization(cfg: Config, site: SiteData, ledger: SiteLedger, global_state: dict[str, torch.Tensor]) -> Path:
     """Memorization of the site's own records by the global model, computed inside the site.
 
     Synthetic records are generated with the conditions of the site's training records; distances to
     the site's training records are compared with distances to its holdout, and a loss-based membership
-    attack scores training against holdout records. Only these aggregate scalars leave the site.
+    attack scores training against holdout records. The report is written to the site's state directory
+    for its operator (`memorization.json`): with a small reference set these numbers reveal single records,
+    so none of them leaves the site.
     """
     from common.bundle import build_generator
     from common.data.ptbxl import select_model_leads
@@ -212,4 +204,7 @@ def evaluate_memorization(cfg: Config, site: SiteData, global_state: dict[str, t
         gen.model, gen.diffusion, gen.normalizer, train, holdout, select_model_leads(synthetic12),
         max_records=n, mia_timesteps=cfg.evaluation.mia_timesteps, seed=cfg.evaluation.seed,
     )
-    return {"site-index": site.index, "num-examples": n, **{k.replace("_", "-"): v for k, v in metrics.items()}}
+    report = {"site": site.name, "records": n, "time": time.time(), **metrics}
+    path = ledger.directory / "memorization.json"
+    path.write_text(json.dumps(report, indent=2))
+    return path

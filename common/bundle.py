@@ -4,7 +4,7 @@ A checkpoint directory holds `model.safetensors` (the weights to sample from) an
 (resolved config, its hash, normalization statistics, progress). A bundle is a self-contained release:
 
     model.safetensors  config.yaml  normalization.json  privacy.json  [evaluation.json]
-    MODEL_CARD.md  manifest.json (SHA256 of every other file)
+    MODEL_CARD.md  manifest.json (SHA256 of every other file; which files lie outside the DP guarantee)
 
 `load_generator` accepts a bundle, a checkpoint or a run directory, and refuses a bundle whose files do
 not match its manifest.
@@ -164,8 +164,11 @@ def verify_bundle(path: str | Path) -> list[str]:
     return problems
 
 
-def write_bundle(out: str | Path, files: dict[str, bytes | Path]) -> Path:
-    """Write the given files (bytes or paths to copy) and a manifest of their SHA256 sums."""
+def write_bundle(out: str | Path, files: dict[str, bytes | Path], outside_dp_guarantee: dict[str, str] | None = None) -> Path:
+    """Write the given files (bytes or paths to copy) and a manifest of their SHA256 sums.
+
+    `outside_dp_guarantee` names files released outside the DP mechanism, with the reason.
+    """
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise BundleError(f"{out}: exists and is not empty; choose a new bundle directory")
@@ -179,6 +182,7 @@ def write_bundle(out: str | Path, files: dict[str, bytes | Path]) -> Path:
     manifest = {
         "format": BUNDLE_FORMAT,
         "files": {name: sha256_file(out / name) for name in sorted(files)},
+        "outside_dp_guarantee": dict(outside_dp_guarantee or {}),
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return out

@@ -50,7 +50,7 @@ class PartitionConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    size: str = "tiny"  # tiny | small | sssd; fields below override the preset when set
+    size: str = "tiny"  # tiny | small | sssd; fields below override the preset
     channels: int | None = None
     blocks: int | None = None
     state_dim: int | None = None
@@ -106,10 +106,10 @@ class PrivacyConfig:
     target_epsilon: float = 10.0
     delta: float = 1e-5
     max_grad_norm: float = 1.0
-    noise_multiplier: float | None = None  # None: calibrated from the target budget
-    accountant: str = "prv"  # prv | rdp
+    noise_multiplier: float | None = None  # None: calibrated so the plan spends the target (replace-one)
+    lifetime_epsilon: float | None = None  # cap on a site's spend over all runs on the same records (None: target)
     unit: str = "record"  # record | patient
-    grad_sample_mode: str = "hooks"  # hooks | functorch | ew | ghost
+    grad_sample_mode: str = "hooks"  # hooks | functorch | ghost
 
 
 @dataclass(frozen=True)
@@ -127,6 +127,7 @@ class FederationConfig:
     sample_every: int = 1  # write a sample PNG from the global model every K rounds (0: never)
     evaluate_every: int = 0  # fidelity of the global model on a small batch every K rounds (0: never)
     num_cpus_per_site: float = 1.0
+    site_state_dir: str = ".fedecg/sites"  # each site's ledger, secret key and local logs (node_config state-dir wins)
 
 
 @dataclass(frozen=True)
@@ -176,10 +177,18 @@ _CHOICES = {
     ("diffusion", "sampler"): {"ddim", "ddpm"},
     ("midt", "target"): {"posterior_mean", "x0"},
     ("train", "device"): {"auto", "cpu", "cuda"},
-    ("privacy", "accountant"): {"prv", "rdp"},
     ("privacy", "unit"): {"record", "patient"},
-    ("privacy", "grad_sample_mode"): {"hooks", "functorch", "ew", "ghost"},
+    ("privacy", "grad_sample_mode"): {"hooks", "functorch", "ghost"},
     ("federation", "strategy"): {"fedavg", "fedprox", "fedadam"},
+}
+
+
+# Values that look plausible but cannot work, with the reason.
+_REFUSED = {
+    ("privacy", "grad_sample_mode"): {
+        "ew": "Opacus' expanded-weights mode (torch ExpandedWeights) cannot differentiate the S4D kernel "
+              "(it fails on torch.exp in the first step); use hooks (with the S4D grad sampler), functorch or ghost",
+    },
 }
 
 
@@ -250,6 +259,8 @@ def _build(raw: dict[str, Any], source: str) -> Config:
                 )
             where = f"{source}: {name}.{key}"
             kwargs[key] = _coerce(val, field_types[key], where)
+            if (name, key) in _REFUSED and kwargs[key] in _REFUSED[(name, key)]:
+                raise ConfigError(f"{where}: {kwargs[key]!r} is refused: {_REFUSED[(name, key)][kwargs[key]]}")
             choices = _CHOICES.get((name, key))
             if choices and kwargs[key] not in choices:
                 raise ConfigError(f"{where}: {kwargs[key]!r} is not one of {sorted(choices)}")

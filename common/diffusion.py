@@ -1,18 +1,15 @@
 """Gaussian diffusion for eps-prediction models: schedule, q_sample, per-sample losses, DDPM/DDIM sampling.
 
-A plain class (not an nn.Module), as in openai/improved-diffusion: the model is passed in, so Opacus can
-wrap the denoiser alone. The model is any callable
+A plain class (not an nn.Module), as in openai/improved-diffusion: the model is passed in, so a DP engine
+can wrap the denoiser alone. The model is any callable
 
     model(x_t [B, C, L], t [B] int64, labels [B, 71], demographics [B, 8], cond_keep [B] or None) -> eps_hat
 
 Training (`training_losses`) returns per-example losses [B] (eps MSE + mel_weight * MIDT mel loss), because
 DP-SGD clips per example and ghost clipping needs the [B] vector. With noise multiplicity K each example's
 loss averages K (noise, timestep) draws (DPDM). The batch is repeated example-major inside
-(rows i*K .. i*K+K-1 belong to example i), so under Opacus the model sees B*K rows and computes B*K
-per-row gradients; clipping those would bound each draw, not each example (a K-fold privacy loss). So
-`training_losses` queues `merge_noise_draws` to run when the backward pass ends: every per-sample gradient
-becomes the mean of its example's K rows before the optimizer clips. Fast/ghost clipping computes per-row
-norms that cannot be merged, so K > 1 is refused there.
+(rows i*K .. i*K+K-1 belong to example i). A DP engine that clips per row would bound each draw, not each
+example; common/privacy/engine.py merges each example's K rows before clipping.
 
 MIDT mel target (midt.target):
   * "posterior_mean" (default): mel loss between mu_theta = mean of q(x_{t-1} | x_t, x0_hat), the mean the
@@ -38,7 +35,7 @@ from tqdm.auto import tqdm
 
 from common.config import DiffusionConfig
 
-__all__ = ["EpsModel", "GaussianDiffusion", "beta_schedule", "merge_noise_draws"]
+__all__ = ["EpsModel", "GaussianDiffusion", "beta_schedule"]
 
 MEL_TARGETS = ("posterior_mean", "x0")
 SAMPLERS = ("ddim", "ddpm")
@@ -83,57 +80,6 @@ def _draw(kind: str, shape: tuple[int, ...], generator: torch.Generator | None, 
     else:
         out = torch.randint(kw["high"], shape, generator=generator, device=source)
     return out.to(device)
-
-
-def merge_noise_draws(model: nn.Module, multiplicity: int) -> None:
-    """Average Opacus per-row gradients over each example's K noise draws: grad_sample [B*K, ...] -> [B, ...].
-
-    `training_losses` schedules this at the end of backward; call it yourself only for a loss built
-    outside it. The loss is mean_i mean_k l_ik, so Opacus' rows are grad l_ik and the per-example gradient of
-    mean_k l_ik is their mean over k. Parameters without per-sample gradients are left alone. No-op for K = 1.
-    """
-    if multiplicity < 1:
-        raise ValueError(f"merge_noise_draws: multiplicity must be >= 1, got {multiplicity}")
-    if multiplicity == 1:
-        return
-    for name, param in model.named_parameters():
-        grad_sample = getattr(param, "grad_sample", None)
-        if grad_sample is None:
-            continue
-        if isinstance(grad_sample, list):
-            raise RuntimeError(
-                f"merge_noise_draws: {name} holds per-sample gradients of several backward passes; "
-                "merge the draws after every backward pass"
-            )
-        rows = grad_sample.shape[0]
-        if rows % multiplicity:
-            raise ValueError(
-                f"merge_noise_draws: {name} has {rows} per-sample gradient rows, not a multiple of K={multiplicity}"
-            )
-        param.grad_sample = grad_sample.reshape(rows // multiplicity, multiplicity, *grad_sample.shape[1:]).mean(1)
-
-
-def _refuse_per_row_norm_clipping(model: object) -> None:
-    from opacus.grad_sample import GradSampleModuleFastGradientClipping
-
-    if isinstance(model, GradSampleModuleFastGradientClipping):
-        raise ValueError(
-            "training_losses: noise_multiplicity > 1 does not work with Opacus' fast/ghost clipping, which clips "
-            "each row of the repeated batch (one noise draw) instead of each example; use privacy.grad_sample_mode "
-            "hooks or functorch, or midt.noise_multiplicity=1"
-        )
-
-
-def _merge_draws_when_backward_ends(model: nn.Module, output: Tensor, multiplicity: int) -> None:
-    """Run merge_noise_draws(model, K) once the backward pass through `output` has finished."""
-
-    def on_output_grad(grad: Tensor) -> Tensor:
-        # Opacus fills grad_sample in module hooks during this backward pass; the engine runs queued
-        # callbacks after all of them (the mechanism DDP and FSDP use for post-backward work).
-        torch.autograd.Variable._execution_engine.queue_callback(lambda: merge_noise_draws(model, multiplicity))
-        return grad
-
-    output.register_hook(on_output_grad)
 
 
 class GaussianDiffusion:
@@ -279,14 +225,10 @@ class GaussianDiffusion:
         if cond_keep is None and cond_dropout > 0:
             cond_keep = (_draw("rand", (rows,), generator, device) >= cond_dropout).to(x0.dtype)
 
-        if k > 1:
-            _refuse_per_row_norm_clipping(model)
         x_t = self.q_sample(x0, t, noise)
         eps_hat = model(x_t, t, labels, demographics, cond_keep)
         if eps_hat.shape != x0.shape:
             raise ValueError(f"training_losses: the model returned {tuple(eps_hat.shape)}, expected {tuple(x0.shape)}")
-        if k > 1 and isinstance(model, nn.Module) and eps_hat.requires_grad:
-            _merge_draws_when_backward_ends(model, eps_hat, k)
         eps_term = (eps_hat - noise).pow(2).mean(dim=(1, 2))  # (B*K); promotes a bf16 eps_hat to noise's float32
 
         if mel_loss is not None:

@@ -2,16 +2,16 @@
 
     result = train_local(model, diffusion, data, cfg, steps=100, budget=budget)
 
-With a `SiteBudget` the denoiser (and only the denoiser) is wrapped by Opacus: Poisson sampling at the
-budget's sample rate, per-sample clipping at C, Gaussian noise at sigma, and the accountant continues
-from the budget's history. The loop never takes a step the budget cannot afford.
+With a `SiteBudget` the denoiser (and only the denoiser) is made private by common.privacy: Poisson sampling
+at the budget's sample rate, per-sample clipping at C, Gaussian noise at sigma, all from secret randomness
+(`randomness`, else fresh OS entropy). The caller decides how many steps the budget affords (a site's
+ledger reserves them on disk first); the loop takes exactly that many.
 """
 
 from __future__ import annotations
 
 import math
 import time
-import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -25,7 +25,7 @@ from common.config import Config
 from common.data.ptbxl import ECGDataset, Normalizer, encode_demographics
 from common.diffusion import GaussianDiffusion
 from common.losses import MelSpectrogramLoss
-from common.privacy import SiteBudget
+from common.privacy import DPRandomness, SiteBudget, make_private
 
 
 def select_device(name: str = "auto") -> torch.device:
@@ -93,7 +93,6 @@ class TrainResult:
     mel_loss: float
     seconds: float
     log: list[dict[str, float]] = field(default_factory=list)
-    budget_exhausted: bool = False
     empty_batches: int = 0  # Poisson batches with no example: noise-only steps
 
 
@@ -116,6 +115,7 @@ def train_local(
     steps: int,
     *,
     budget: SiteBudget | None = None,
+    randomness: DPRandomness | None = None,
     ema: EMA | None = None,
     proximal_mu: float = 0.0,
     seed: int | None = None,
@@ -123,29 +123,33 @@ def train_local(
     description: str = "train",
     on_log: Callable[[dict[str, float]], None] | None = None,
 ) -> TrainResult:
-    """Train `model` in place for `steps` optimizer steps (fewer if the privacy budget runs out first)."""
+    """Train `model` in place for `steps` optimizer steps (DP-SGD when a budget is given)."""
     tc = cfg.train
     if len(data) == 0:
         raise ValueError("no training records")
     device = select_device(tc.device)
+    if budget is not None:
+        # Private: every draw (t, eps, dropout, sampling, noise) comes from secret randomness, never the config.
+        randomness = randomness or DPRandomness.from_os_entropy()
+        seed = randomness.training
     seed = tc.seed if seed is None else seed
     torch.manual_seed(seed)
-    loader_generator = torch.Generator().manual_seed(seed)
     model.to(device)
     model.train()
     anchor = {n: p.detach().clone() for n, p in model.named_parameters()} if proximal_mu > 0 else None
 
     mel_loss = MelSpectrogramLoss(cfg.midt).to(device) if cfg.midt.enabled and cfg.midt.weight > 0 else None
     dataset = TensorDataset(data.signals, data.labels, data.demographics)
-    loader = DataLoader(dataset, batch_size=min(tc.batch_size, len(data)), shuffle=True, generator=loader_generator)
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
-    trained = model  # the module whose forward we call (Opacus may wrap it)
-    ghost = False
+    private = None
     if budget is not None:
-        steps = budget.affordable(steps)
-        if steps == 0:
-            return TrainResult(0, 0, math.nan, math.nan, math.nan, 0.0, budget_exhausted=True)
-        trained, optimizer, loader, ghost = _make_private(model, optimizer, loader, budget, cfg, loader_generator)
+        private = make_private(model, optimizer, dataset, tc.batch_size, budget, cfg.privacy,
+                               cfg.midt.noise_multiplicity, randomness)
+        trained, optimizer, loader = private.module, private.optimizer, private.loader
+    else:
+        trained = model
+        loader = DataLoader(dataset, batch_size=min(tc.batch_size, len(data)), shuffle=True,
+                            generator=torch.Generator().manual_seed(seed))
 
     totals = {"loss": 0.0, "eps": 0.0, "mel": 0.0}
     examples = 0
@@ -160,11 +164,7 @@ def train_local(
         examples += int(x0.shape[0])
         optimizer.zero_grad(set_to_none=True)
         if x0.shape[0] == 0:
-            # A Poisson batch can be empty; the step still happens (noise only) and is accounted.
-            for p in model.parameters():
-                if p.requires_grad:
-                    p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
-            optimizer.step()
+            private.empty_step()
             empty_batches += 1
             bar.update(1)
             continue
@@ -181,16 +181,11 @@ def train_local(
                 noise_multiplicity=cfg.midt.noise_multiplicity,
             )
         per_sample = losses["loss"].float()  # [B]: DP clips per example
-        if ghost:
-            from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
-
-            DPTensorFastGradientClipping(trained, optimizer, per_sample, "mean").backward()
+        if private is not None:
+            private.backward(per_sample)
         else:
-            with warnings.catch_warnings():
-                # Opacus' hooks fire on module outputs when the inputs need no grad: expected, harmless.
-                warnings.filterwarnings("ignore", message="Full backward hook is firing")
-                per_sample.mean().backward()
-            if budget is None and tc.grad_clip > 0:
+            per_sample.mean().backward()
+            if tc.grad_clip > 0:
                 nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
         optimizer.step()
         if anchor is not None:
@@ -215,9 +210,9 @@ def train_local(
         if step % max(1, tc.log_every) == 0 or step == steps:
             row = {
                 "step": float(step),
-                "loss": window["loss"] / window["n"],
-                "eps_loss": window["eps"] / window["n"],
-                "mel_loss": window["mel"] / window["n"],
+                "loss": window["loss"] / max(1, window["n"]),
+                "eps_loss": window["eps"] / max(1, window["n"]),
+                "mel_loss": window["mel"] / max(1, window["n"]),
                 "seconds": time.perf_counter() - start,
             }
             log.append(row)
@@ -225,11 +220,9 @@ def train_local(
                 on_log(row)
             window = {"loss": 0.0, "eps": 0.0, "mel": 0.0, "n": 0}
     bar.close()
-    if budget is not None:
-        budget.record(steps)
-        _check_accounting(optimizer, budget)
-        _unwrap(trained)
-    taken = max(1, steps)
+    if private is not None:
+        private.close(steps)
+    taken = max(1, steps - empty_batches)
     return TrainResult(
         steps=steps,
         examples=examples,
@@ -238,51 +231,5 @@ def train_local(
         mel_loss=totals["mel"] / taken,
         seconds=time.perf_counter() - start,
         log=log,
-        budget_exhausted=budget is not None and budget.affordable(1) == 0,
         empty_batches=empty_batches,
     )
-
-
-def _make_private(model, optimizer, loader, budget: SiteBudget, cfg: Config, generator):
-    from opacus import PrivacyEngine
-
-    mode = cfg.privacy.grad_sample_mode
-    with warnings.catch_warnings():
-        # Opacus warns that secure RNG is off: a seeded noise generator keeps runs reproducible by design.
-        warnings.filterwarnings("ignore", message="Secure RNG turned off")
-        engine = PrivacyEngine(accountant=budget.accountant)
-        wrapped = engine.make_private(
-            module=model,
-            optimizer=optimizer,
-            data_loader=loader,
-            noise_multiplier=budget.noise_multiplier,
-            max_grad_norm=budget.max_grad_norm,
-            poisson_sampling=True,
-            grad_sample_mode=mode,
-            noise_generator=torch.Generator(device=next(model.parameters()).device).manual_seed(
-                int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
-            ),
-        )
-    if mode == "ghost":
-        trained, dp_optimizer, _criterion, dp_loader = wrapped
-    else:
-        trained, dp_optimizer, dp_loader = wrapped
-    opacus_rate = 1 / len(loader)  # what Opacus' accountant hook records per step
-    if not math.isclose(opacus_rate, budget.sample_rate, rel_tol=1e-9):
-        raise RuntimeError(
-            f"Opacus samples at q={opacus_rate:.6g} but the budget was planned for q={budget.sample_rate:.6g}"
-        )
-    return trained, dp_optimizer, dp_loader, mode == "ghost"
-
-
-def _check_accounting(optimizer, budget: SiteBudget) -> None:
-    if not math.isclose(optimizer.noise_multiplier, budget.noise_multiplier, rel_tol=1e-12):
-        raise RuntimeError("the optimizer's noise multiplier drifted from the planned one")
-
-
-def _unwrap(trained: nn.Module) -> None:
-    """Remove Opacus hooks so the plain module can be reused (and serialized) after local training."""
-    remove = getattr(trained, "_close", None)
-    if callable(remove):
-        remove()
-

@@ -1,8 +1,9 @@
 """Flower ServerApp: rounds of site training, aggregation, checkpoints, the epsilon table, the certificate.
 
-Each round: send the global weights, collect site weights and scalar metrics, aggregate, checkpoint
-(safetensors + JSON), log per-site metrics and epsilon, and every K rounds sample a PNG from the global model.
-A site whose budget is spent answers "budget exhausted"; once no site can train, the run ends cleanly.
+Each round: send the global weights and the run key, collect site weights and their public numbers,
+aggregate, checkpoint (safetensors + JSON), log each site's epsilon, and every K rounds sample a PNG from
+the global model. A site whose budget is spent answers "budget exhausted"; once no site can train, the run
+ends cleanly. Under DP sites send no losses or timings: those stay in each site's own log.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import secrets
 import time
 from pathlib import Path
 
@@ -19,23 +21,25 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.serverapp import Grid, ServerApp
 
 from common.bundle import (
+    WEIGHTS,
     build_generator,
     latest_checkpoint,
     read_checkpoint,
     save_checkpoint,
+    sha256_file,
 )
 from common.config import Config, RunSpec, save as save_config
 from common.model.denoiser import build_denoiser
 from common.normalization import federated_normalizer
 from common.privacy import build_certificate, write_certificate
 from common.scp import SCP_CODES
-from server.strategy import PrivacyLedger, build_strategy, load_strategy_state, save_strategy_state
+from server.strategy import LedgerConflict, PrivacyLedger, build_strategy, load_strategy_state, save_strategy_state
 
 log = logging.getLogger("fedecg.server")
 ROUND_TIMEOUT_S = 3600.0
 METRIC_FIELDS = (
-    "round", "site", "loss", "eps-loss", "mel-loss", "epsilon", "steps", "steps-total", "num-examples",
-    "train-seconds", "round-seconds", "flower-overhead-seconds", "budget-exhausted",
+    "round", "site", "epsilon", "steps", "steps-total", "num-records", "loss", "eps-loss", "mel-loss",
+    "train-seconds", "round-seconds", "budget-exhausted",
 )
 
 
@@ -61,8 +65,8 @@ def _read_metrics(path: Path) -> list[dict]:
         return list(csv.DictReader(handle))
 
 
-def _site_name(metrics: dict) -> str:
-    return f"site-{int(metrics['site-index'])}"
+def _site_name(message: Message) -> str:
+    return str(message.content["site"]["name"])
 
 
 def run_server(grid: Grid, context: Context, spec: RunSpec) -> Path:
@@ -86,101 +90,96 @@ def run_server(grid: Grid, context: Context, spec: RunSpec) -> Path:
         load_strategy_state(latest / "strategy.safetensors", strategy)
         ledger = PrivacyLedger.from_json((latest / "ledger.json").read_text())
         start_round = int(progress["round"]) + 1
+        run_key = str(progress["run_key"])
         log.info("resuming %s after round %d", run_dir, start_round - 1)
     else:
         if latest_checkpoint(run_dir) is not None:
             raise FileExistsError(f"{run_dir} already holds a run; use --resume or a new run directory")
         save_config(cfg, run_dir)
+        run_key = secrets.token_hex(16)  # names this run in every site's ledger; kept by checkpoints for --resume
         torch.manual_seed(cfg.train.seed)
         state = {k: v.detach().cpu() for k, v in build_denoiser(cfg.model).state_dict().items()}
 
     arrays = ArrayRecord(state)
     last_round = fc.rounds if not spec.until_round else min(fc.rounds, spec.until_round)
-    exhausted: set[str] = set()
     for server_round in range(start_round, last_round + 1):
         round_start = time.perf_counter()
-        config = ConfigRecord({"proximal-mu": fc.proximal_mu if fc.strategy == "fedprox" else 0.0})
+        config = ConfigRecord({"proximal-mu": fc.proximal_mu if fc.strategy == "fedprox" else 0.0, "run-key": run_key})
         messages = list(strategy.configure_train(server_round, arrays, config, grid))
         replies = list(grid.send_and_receive(messages=messages, timeout=ROUND_TIMEOUT_S))
-        errors = [m for m in replies if m.has_error()]
-        for m in errors:
-            log.error("round %d: node %d failed: %s", server_round, m.metadata.src_node_id, m.error.reason)
+        for m in replies:
+            if m.has_error():
+                log.error("round %d: node %d failed: %s", server_round, m.metadata.src_node_id, m.error.reason)
         ok = [m for m in replies if not m.has_error()]
-        if len(ok) < fc.min_sites and not all(_is_exhausted_only(m) for m in ok):
-            raise RuntimeError(f"round {server_round}: {len(ok)} sites answered, fewer than min_sites={fc.min_sites}")
+        rows = [_record_reply(m, ledger, server_round) for m in ok]
         training = [m for m in ok if "arrays" in m.content]
-        rows = []
-        for m in ok:
-            metrics = dict(m.content["metrics"])
-            name = _site_name(metrics)
-            ledger.update(name, metrics)
-            if metrics.get("budget-exhausted"):
-                exhausted.add(name)
-            rows.append({"round": server_round, "site": name, **metrics})
+        if len(ok) < fc.min_sites and training:
+            raise RuntimeError(f"round {server_round}: {len(ok)} sites answered, fewer than min_sites={fc.min_sites}")
         if not training:
-            log.warning("round %d: every site's privacy budget is exhausted; ending the run", server_round)
             _append_metrics(run_dir / "metrics.csv", rows)
-            break
-        new_arrays, _ = strategy.aggregate_train(server_round, training)
-        arrays = new_arrays
-        round_seconds = time.perf_counter() - round_start
-        slowest = max(float(m.content["metrics"]["train-seconds"]) for m in training)
-        rows.append(
-            {
-                "round": server_round,
-                "site": "global",
-                "round-seconds": round_seconds,
-                "flower-overhead-seconds": round_seconds - slowest,
-                "loss": float(np.mean([float(m.content["metrics"]["loss"]) for m in training])),
-                "epsilon": max((float(r.get("epsilon", 0.0)) for r in rows), default=0.0),
-            }
-        )
+            if ok:
+                log.warning("round %d: every site's privacy budget is exhausted; ending the run", server_round)
+                break
+            raise RuntimeError(f"round {server_round}: no site answered")
+        arrays, _ = strategy.aggregate_train(server_round, training)
+        rows.append({"round": server_round, "site": "global", "round-seconds": time.perf_counter() - round_start,
+                     "epsilon": max((float(r.get("epsilon", 0.0)) for r in rows), default=0.0)})
         _append_metrics(run_dir / "metrics.csv", rows)
-        _checkpoint(ckpt_root, server_round, arrays, strategy, ledger, cfg, normalizer)
-        log.info("round %d done in %.1fs\n%s", server_round, round_seconds, ledger.table())
+        _checkpoint(ckpt_root, server_round, arrays, strategy, ledger, cfg, normalizer, run_key)
+        log.info("round %d done in %.1fs\n%s", server_round, rows[-1]["round-seconds"], ledger.table())
         if fc.sample_every and server_round % fc.sample_every == 0:
             _sample_png(cfg, arrays, normalizer, run_dir / f"samples_round{server_round:03d}.png", server_round)
         if fc.evaluate_every and server_round % fc.evaluate_every == 0:
             _monitor(cfg, arrays, normalizer, run_dir, server_round)
-        if server_round < last_round and exhausted and exhausted >= {_site_name(dict(m.content["metrics"])) for m in ok}:
+        if server_round < last_round and all(r.get("budget-exhausted") for r in rows[:-1]):
             log.warning("round %d: every site has spent its privacy budget; ending the run", server_round)
             break
 
     if cfg.evaluation.site_records > 0:
         _site_memorization(grid, arrays, run_dir)
     if cfg.privacy.enabled:
-        write_certificate(run_dir / "privacy.json", build_certificate(cfg, ledger.budgets(cfg)))
+        weights = latest_checkpoint(run_dir) / WEIGHTS
+        write_certificate(run_dir / "privacy.json",
+                          build_certificate(cfg, ledger.budgets(), "federated", sha256_file(weights)))
     _plot_rounds(run_dir)
     (run_dir / "epsilon_table.txt").write_text(ledger.table() + "\n")
     print(f"\nrun directory: {run_dir}\n{ledger.table()}", flush=True)
     return run_dir
 
 
+def _record_reply(message: Message, ledger: PrivacyLedger, server_round: int) -> dict:
+    """One site's reply as a metrics row; its budget goes into the ledger, which refuses conflicts."""
+    name = _site_name(message)
+    if "privacy" in message.content:
+        try:
+            ledger.update(message.metadata.src_node_id, name, str(message.content["privacy"]["budget"]))
+        except LedgerConflict as err:
+            log.error("round %d: %s", server_round, err)
+            raise
+    return {"round": server_round, "site": name, **dict(message.content["metrics"])}
+
+
 def _site_memorization(grid: Grid, arrays: ArrayRecord, run_dir: Path) -> None:
-    """Ask every site to check the final model for memorization of its own records; only scalars come back."""
+    """Ask every site to check the final model for memorization of its own records; the reports stay there."""
     from flwr.app import MessageType, RecordDict
 
     messages = [
         Message(RecordDict({"arrays": arrays}), dst_node_id=node, message_type=f"{MessageType.EVALUATE}.memorization")
         for node in grid.get_node_ids()
     ]
-    results = {}
+    checked = []
     for reply in grid.send_and_receive(messages=messages, timeout=ROUND_TIMEOUT_S):
         if reply.has_error():
             log.error("site memorization check failed on node %d: %s", reply.metadata.src_node_id, reply.error.reason)
             continue
-        metrics = dict(reply.content["metrics"])
-        results[_site_name(metrics)] = metrics
-    (run_dir / "site_memorization.json").write_text(json.dumps(dict(sorted(results.items())), indent=2))
-    for name, metrics in sorted(results.items()):
-        log.info("%s memorization: %s", name, {k: round(v, 4) for k, v in metrics.items() if k not in ("site-index",)})
+        checked.append(_site_name(reply))
+    (run_dir / "site_memorization.json").write_text(json.dumps(
+        {"checked_at_sites": sorted(checked),
+         "note": "each site's report is in its own state directory (memorization.json) and never left it"}, indent=2))
+    log.info("memorization checked inside sites %s; reports stay at the sites", sorted(checked))
 
 
-def _is_exhausted_only(message: Message) -> bool:
-    return "arrays" not in message.content and bool(dict(message.content["metrics"]).get("budget-exhausted"))
-
-
-def _checkpoint(root, server_round, arrays, strategy, ledger, cfg, normalizer) -> None:
+def _checkpoint(root, server_round, arrays, strategy, ledger, cfg, normalizer, run_key: str) -> None:
     name = f"round_{server_round:04d}"
     directory = root / name
     save_checkpoint(
@@ -188,7 +187,7 @@ def _checkpoint(root, server_round, arrays, strategy, ledger, cfg, normalizer) -
         arrays.to_torch_state_dict(),
         cfg,
         normalizer,
-        progress={"round": server_round, "kind": "federated"},
+        progress={"round": server_round, "kind": "federated", "run_key": run_key},
     )
     save_strategy_state(directory / "strategy.safetensors", strategy)
     (directory / "ledger.json").write_text(ledger.to_json())
@@ -231,7 +230,8 @@ def _plot_rounds(run_dir: Path) -> None:
 
     rows = [r for r in _read_metrics(run_dir / "metrics.csv") if r["site"] != "global"]
     if rows:
-        plot_curves(rows, "round", ["loss", "mel-loss", "epsilon"], run_dir / "rounds.png", "per site", group_key="site")
+        keys = ["epsilon", "steps-total"] if rows[0].get("loss") in (None, "") else ["loss", "mel-loss"]
+        plot_curves(rows, "round", keys, run_dir / "rounds.png", "per site", group_key="site")
 
 
 def build_server_app(spec: RunSpec | None = None, failures: list[BaseException] | None = None) -> ServerApp:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,7 +23,7 @@ def build_strategy(cfg: Config) -> FedAvg:
         fraction_evaluate=0.0,  # site-side evaluation is requested explicitly at the end
         min_train_nodes=fc.min_sites,
         min_available_nodes=fc.min_sites,
-        weighted_by_key="num-examples",
+        weighted_by_key="num-records",  # declared N: public, published in the certificate
     )
     if fc.strategy == "fedavg":
         return FedAvg(**common)
@@ -68,52 +67,53 @@ def load_strategy_state(path: Path, strategy: FedAvg) -> None:
     restore_strategy_state(strategy, tensors)
 
 
+class LedgerConflict(RuntimeError):
+    """A site report that would make the certificate under-count: a second node for one site, or lost steps."""
+
+
 @dataclass
 class PrivacyLedger:
-    """The server's view of every site's spend, rebuilt from the scalar metrics sites report."""
+    """The server's view of every site's spend, from the budgets sites report (public-plan values only).
 
-    sites: dict[str, dict[str, float]] = field(default_factory=dict)
+    A site name is bound to the first node that reports it; another node claiming it is refused, and a
+    site whose step count goes backwards (lost state) is refused too. Bindings are per server process:
+    node ids change when a run resumes.
+    """
 
-    def update(self, site: str, metrics: dict[str, float]) -> None:
-        keep = (
-            "epsilon", "target-epsilon", "delta", "noise-multiplier", "max-grad-norm", "sample-rate",
-            "steps-total", "planned-steps", "num-records", "num-patients", "max-records-per-patient",
-            "budget-exhausted",
-        )
-        entry = self.sites.setdefault(site, {})
-        entry.update({k: float(metrics[k]) for k in keep if k in metrics})
+    sites: dict[str, dict] = field(default_factory=dict)
+    nodes: dict[str, int] = field(default_factory=dict)
 
-    def budgets(self, cfg: Config) -> list[SiteBudget]:
-        """Reconstruct each site's accountant history: sigma and q are fixed per site, so one entry."""
-        out = []
-        for name, m in sorted(self.sites.items()):
-            steps = int(m.get("steps-total", 0))
-            budget = SiteBudget(
-                site=name,
-                target_epsilon=m["target-epsilon"],
-                delta=m["delta"],
-                accountant=cfg.privacy.accountant,
-                noise_multiplier=m["noise-multiplier"],
-                max_grad_norm=m["max-grad-norm"],
-                sample_rate=m["sample-rate"],
-                planned_steps=int(m["planned-steps"]),
-                num_records=int(m["num-records"]),
-                num_patients=int(m["num-patients"]),
-                max_records_per_patient=int(m["max-records-per-patient"]),
-                history=[(m["noise-multiplier"], m["sample-rate"], steps)] if steps else [],
-                exhausted=bool(m.get("budget-exhausted", 0)),
-            )
-            out.append(budget)
-        return out
+    def update(self, node_id: int, site: str, budget_json: str) -> SiteBudget:
+        bound = self.nodes.setdefault(site, node_id)
+        if bound != node_id:
+            raise LedgerConflict(f"nodes {bound} and {node_id} both claim site {site}; each site must run on one node")
+        budget = SiteBudget.from_json(budget_json)
+        if budget.site != site:
+            raise LedgerConflict(f"node {node_id} reports site {site} with the budget of site {budget.site}")
+        previous = self.sites.get(site)
+        if previous is not None:
+            before = SiteBudget.from_json(previous["budget"])
+            if budget.steps < before.steps or budget.prior_history != before.prior_history:
+                raise LedgerConflict(
+                    f"site {site} reports {budget.steps} steps after {before.steps} (or a changed prior history): "
+                    "its ledger lost state, and the certificate would under-count"
+                )
+            for key in ("noise_multiplier", "sample_rate", "planned_steps", "num_records"):
+                if getattr(budget, key) != getattr(before, key):
+                    raise LedgerConflict(f"site {site} changed its {key} mid-run")
+        self.sites[site] = {"budget": budget_json}
+        return budget
+
+    def budgets(self) -> list[SiteBudget]:
+        return [SiteBudget.from_json(entry["budget"]) for _, entry in sorted(self.sites.items())]
 
     def table(self) -> str:
-        header = f"{'site':>8} {'epsilon':>9} {'target':>7} {'sigma':>7} {'q':>8} {'steps':>6} {'records':>8}"
+        header = f"{'site':>8} {'epsilon':>9} {'add/rem':>8} {'target':>7} {'sigma':>7} {'q':>8} {'steps':>6} {'records':>8}"
         lines = [header, "-" * len(header)]
-        for name, m in sorted(self.sites.items()):
+        for b in self.budgets():
             lines.append(
-                f"{name:>8} {m.get('epsilon', math.nan):9.4f} {m.get('target-epsilon', math.nan):7.2f} "
-                f"{m.get('noise-multiplier', math.nan):7.3f} {m.get('sample-rate', math.nan):8.5f} "
-                f"{int(m.get('steps-total', 0)):6d} {int(m.get('num-records', 0)):8d}"
+                f"{b.site:>8} {b.certified_epsilon():9.4f} {b.certified_epsilon('add_remove'):8.4f} "
+                f"{b.target_epsilon:7.2f} {b.noise_multiplier:7.3f} {b.sample_rate:8.5f} {b.steps:6d} {b.num_records:8d}"
             )
         return "\n".join(lines)
 

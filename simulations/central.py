@@ -10,15 +10,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.bundle import save_checkpoint
+from common.bundle import WEIGHTS, save_checkpoint, sha256_file
 from common.config import Config, save as save_config
 from common.data.partition import training_ids
-from common.data.ptbxl import Normalizer, load_dataset, load_metadata
+from common.data.ptbxl import load_dataset, load_metadata
 from common.diffusion import GaussianDiffusion
 from common.generate import generate, grid_conditions
 from common.model.denoiser import build_denoiser, count_parameters
 from common.plotting import plot_curves, plot_ecg_grid
-from common.privacy import build_certificate, plan_budget, write_certificate
+from common.normalization import federated_normalizer
+from common.privacy import SiteLedger, build_certificate, plan_budget, write_certificate
 from common.scp import SCP_CODES
 from common.train import EMA, TrainingData, train_local
 
@@ -37,26 +38,26 @@ def run_central(cfg: Config, run_dir: Path, progress: bool = True) -> Path:
         from common.data.partition import one_record_per_patient
 
         dataset = dataset.subset(one_record_per_patient(dataset.ecg_ids, dataset.patient_ids, cfg.partition.seed))
-    normalizer = Normalizer.fit(dataset.signals)
+    # Public constants, as at the sites: statistics fitted on private records would be an unaccounted release.
+    normalizer = federated_normalizer()
     data = TrainingData.from_dataset(dataset, normalizer)
     torch.manual_seed(cfg.train.seed)
     model = build_denoiser(cfg.model)
     ema = EMA(model, cfg.train.ema_decay)
     print(f"central training: {len(dataset)} records, model '{cfg.model.size}' with {count_parameters(model):,} parameters")
 
-    budget = None
+    budget = randomness = None
+    steps = cfg.train.steps
     if cfg.privacy.enabled:
-        _, counts = np.unique(dataset.patient_ids, return_counts=True)
-        budget = plan_budget(
-            site="central",
-            privacy=cfg.privacy,
-            batch_size=cfg.train.batch_size,
-            num_records=len(dataset),
-            num_patients=len(counts),
-            max_records_per_patient=int(counts.max()),
-            planned_steps=cfg.train.steps,
-        )
-        print(f"DP-SGD: sigma={budget.noise_multiplier:.4f}, q={budget.sample_rate:.5f}, C={budget.max_grad_norm}")
+        ledger = SiteLedger.open(cfg.federation.site_state_dir, "central", dataset.ecg_ids)
+        run_key = f"central:{run_dir.resolve()}"
+        with ledger.locked():
+            budget = ledger.budget(run_key, lambda: plan_budget(
+                "central", cfg.privacy, cfg.train.batch_size, len(dataset), cfg.train.steps))
+            steps = ledger.reserve(run_key, budget, cfg.train.steps)
+            randomness = ledger.next_randomness()
+        print(f"DP-SGD: sigma={budget.noise_multiplier:.4f}, q={budget.sample_rate:.5f}, C={budget.max_grad_norm}, "
+              f"ledger {ledger.directory}")
 
     rows: list[dict[str, float]] = []
     with (run_dir / "metrics.csv").open("w", newline="") as handle:
@@ -70,10 +71,11 @@ def run_central(cfg: Config, run_dir: Path, progress: bool = True) -> Path:
 
         start = time.perf_counter()
         result = train_local(
-            model, GaussianDiffusion(cfg.diffusion), data, cfg, cfg.train.steps,
-            budget=budget, ema=ema, progress=progress, description="central", on_log=on_log,
+            model, GaussianDiffusion(cfg.diffusion), data, cfg, steps,
+            budget=budget, randomness=randomness, ema=ema,
+            progress=progress, description="central", on_log=on_log,
         )
-    ema.copy_to(model)
+    ema.copy_to(model)  # an average of DP iterates is post-processing: it costs no privacy
     directory = save_checkpoint(
         run_dir / "checkpoints" / "final",
         {k: v.detach().cpu() for k, v in model.state_dict().items()},
@@ -83,7 +85,8 @@ def run_central(cfg: Config, run_dir: Path, progress: bool = True) -> Path:
     )
     (run_dir / "checkpoints" / "latest").write_text(directory.name)
     if budget is not None:
-        write_certificate(run_dir / "privacy.json", build_certificate(cfg, [budget]))
+        write_certificate(run_dir / "privacy.json",
+                          build_certificate(cfg, [budget], "central", sha256_file(directory / WEIGHTS)))
     if rows:
         plot_curves(rows, "step", ["loss", "eps_loss", "mel_loss"], run_dir / "curves.png", "central training")
 

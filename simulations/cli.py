@@ -87,8 +87,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_privacy_verify(args: argparse.Namespace) -> int:
-    from common.bundle import verify_bundle
-    from common.privacy import verify_certificate
+    from common.bundle import BundleError, load_generator, verify_bundle
+    from common.privacy import verify_certificate, verify_release
 
     path = Path(args.path)
     problems: list[str] = []
@@ -99,16 +99,43 @@ def cmd_privacy_verify(args: argparse.Namespace) -> int:
         print(f"FAIL: no privacy.json in {path}", file=sys.stderr)
         return 1
     certificate = json.loads(cert_path.read_text())
-    problems += verify_certificate(certificate)
+    problems += verify_release(path) if path.is_dir() else verify_certificate(certificate)
+    if not problems and path.is_dir():
+        try:
+            load_generator(path)  # the weights fit the certified config's model
+        except BundleError as err:
+            problems.append(str(err))
     if problems:
         for p in problems:
             print(f"FAIL: {p}", file=sys.stderr)
         return 1
     rel = certificate["release"]
-    print(f"OK: {len(certificate['sites'])} sites recomputed with the {certificate['accountant']} accountant")
+    print(f"OK: {len(certificate['sites'])} sites recomputed from the embedded config ({certificate['accountant']})")
     for site in certificate["sites"]:
-        print(f"  {site['site']}: epsilon {site['epsilon']:.4f} (target {site['target_epsilon']}), {site['steps']} steps")
-    print(f"release: ({rel['epsilon']:.4f}, {rel['delta']:g})-DP per {rel['unit']}")
+        print(f"  {site['site']}: epsilon {site['epsilon']:.4f} replace-one, {site['epsilon_add_remove']:.4f} add/remove "
+              f"(target {site['target_epsilon']}), {site['steps']} of {site['planned_steps']} planned steps, N={site['num_records']}")
+    print(f"release: ({rel['epsilon']:.4f}, {rel['delta']:g})-DP per {rel['unit']}, {rel['neighbouring_relation']} "
+          f"(add/remove: {rel['epsilon_add_remove']:.4f})")
+    print("verified: arithmetic, the plan from the config, the config and weights named by the certificate; "
+          "not verifiable from the bundle: that the weights were trained as certified")
+    return 0
+
+
+def cmd_privacy_ledger(args: argparse.Namespace) -> int:
+    from common.privacy.ledger import ledgers_under
+
+    ledgers = ledgers_under(args.dir)
+    if not ledgers:
+        print(f"no site ledgers under {args.dir}")
+        return 0
+    for ledger in ledgers:
+        if args.action == "reset":
+            ledger.reset(reason=args.reason)
+            print(f"reset {ledger.site} ({ledger.directory}): its spend is forgotten and its secret key replaced")
+        else:
+            summary = ledger.summary()
+            print(f"{summary['site']}: {summary['runs']} runs, {summary['steps']} steps, history {summary['history']}, "
+                  f"{summary['resets']} resets ({summary['directory']})")
     return 0
 
 
@@ -154,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write a release bundle from a run directory")
     p.add_argument("--run", required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--evaluation", help="evaluation.json to include (default: the run's own, if any)")
+    p.add_argument("--evaluation", help="evaluation.json to include, labelled as outside the DP guarantee (default: none)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("privacy", help="privacy certificate tools")
@@ -162,6 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
     v = psub.add_parser("verify", help="recompute epsilon from a run's or bundle's certificate")
     v.add_argument("path", metavar="RUN_OR_BUNDLE")
     v.set_defaults(func=cmd_privacy_verify)
+    led = psub.add_parser("ledger", help="show or reset the site ledgers under a state directory")
+    led.add_argument("action", choices=["show", "reset"])
+    led.add_argument("--dir", default=".fedecg/sites", help="the sites' state directory (federation.site_state_dir)")
+    led.add_argument("--reason", default="reset by the operator", help="recorded in the ledger with a reset")
+    led.set_defaults(func=cmd_privacy_ledger)
     return parser
 
 

@@ -417,9 +417,10 @@ def _resolved_inputs(
     cfg = load(config_path, overrides)
     root = resolve_root(dataclasses.replace(cfg.data, root=str(data_root) if data_root else cfg.data.root))
     overrides.append(f"data.root={root}")
-    cache = Path(cfg.data.cache_dir).expanduser()
-    if not cache.is_absolute():
-        overrides.append(f"data.cache_dir={cache.resolve()}")
+    for key, value in (("data.cache_dir", cfg.data.cache_dir), ("federation.site_state_dir", cfg.federation.site_state_dir)):
+        path = Path(value).expanduser()
+        if not path.is_absolute():
+            overrides.append(f"{key}={path.resolve()}")
     return config_path, overrides, load(config_path, overrides), root
 
 
@@ -511,9 +512,9 @@ def _check_outputs(run_dir: Path, cfg: Config) -> None:
         certificate = run_dir / "privacy.json"
         if not certificate.is_file():
             raise DeploymentError(f"{run_dir}: DP was on but the run wrote no privacy.json")
-        from common.privacy import verify_certificate
+        from common.privacy import verify_release
 
-        problems = verify_certificate(json.loads(certificate.read_text()))
+        problems = verify_release(run_dir)
         if problems:
             raise DeploymentError(f"{certificate}: the certificate does not verify: {'; '.join(problems)}")
 
@@ -579,7 +580,7 @@ def run_loopback_deployment(
         for site, port in enumerate(node_ports):
             node_config = write_toml_table(
                 run_dir / ".flwr" / f"node_config_{site}.toml",
-                {"site": site, "data-root": str(root), "state-dir": str(run_dir / "sites")},
+                {"site": site, "data-root": str(root), "state-dir": cfg.federation.site_state_dir},
             )
             node_env = process_environment(flwr_homes / f"supernode-{site}")
             # All sites share this machine: one site's torch threads should not fight another's for cores.

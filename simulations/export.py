@@ -10,7 +10,7 @@ import yaml
 from common.bundle import WEIGHTS, latest_checkpoint, read_checkpoint, write_bundle
 from common.config import config_hash, to_dict
 from common.model.denoiser import build_denoiser, count_parameters
-from common.privacy import verify_certificate
+from common.privacy import verify_release
 from common.scp import SCP_CODES
 
 
@@ -29,14 +29,15 @@ def model_card(run_dir: Path, cfg, progress: dict, certificate: dict | None, eva
         "## Data",
         f"PTB-XL (Wagner et al., Scientific Data 2020; CC BY 4.0), partitioned into simulated hospitals by "
         f"scheme `{cfg.partition.scheme}` ({cfg.partition.num_sites} sites, patient-disjoint), training folds "
-        f"{list(cfg.partition.train_folds)}. No record left its site: only model weights and scalar metrics "
-        f"were exchanged.",
+        f"{list(cfg.partition.train_folds)}. No record left its site: under DP each site sent only model weights "
+        f"and numbers fixed by the public plan (its record count, noise, sample rate, steps and epsilon spent).",
     ]
     if certificate:
-        lines += ["", "| site | records | patients | epsilon | target | sigma | sample rate | steps |", "|---|---|---|---|---|---|---|---|"]
+        lines += ["", "| site | records N | epsilon (replace-one) | epsilon (add/remove) | target | sigma | sample rate | steps |",
+                  "|---|---|---|---|---|---|---|---|"]
         for s in certificate["sites"]:
             lines.append(
-                f"| {s['site']} | {s['num_records']} | {s['num_patients']} | {s['epsilon']:.3f} | "
+                f"| {s['site']} | {s['num_records']} | {s['epsilon']:.3f} | {s['epsilon_add_remove']:.3f} | "
                 f"{s['target_epsilon']:.2f} | {s['noise_multiplier']:.3f} | {s['sample_rate']:.5f} | {s['steps']} |"
             )
     lines += [
@@ -53,11 +54,16 @@ def model_card(run_dir: Path, cfg, progress: dict, certificate: dict | None, eva
         lines += [
             rel["statement"],
             "",
-            f"In plain words: whatever one {rel['unit']} contributed, the released weights would have been "
-            f"almost as likely without it. The chance of any outcome changes by a factor of at most "
+            f"In plain words: had any one {rel['unit']} been replaced by another, the released weights would "
+            f"have been almost as likely. The chance of any outcome changes by a factor of at most "
             f"e^{rel['epsilon']:.3g}, except with probability {rel['delta']:g}. Check it yourself: "
-            f"`fedecg privacy verify <this bundle>` recomputes every site's epsilon from the recorded noise, "
-            f"sampling rate and steps with the `{certificate['accountant']}` accountant.",
+            f"`fedecg privacy verify <this bundle>` recomputes every site's noise, sampling rate, planned steps "
+            f"and epsilon from the embedded config ({certificate['accountant']}), and checks that the weights and "
+            f"config in this bundle are the certified ones. It cannot prove that the weights were trained as "
+            f"certified: that rests on the sites running this code.",
+            "",
+            "What the guarantee does not cover:",
+            *[f"- {item}" for item in certificate["not_covered"]],
         ]
     else:
         lines.append("**None.** This generator was trained without differential privacy; do not release it outside the data holders.")
@@ -76,7 +82,10 @@ def model_card(run_dir: Path, cfg, progress: dict, certificate: dict | None, eva
         "- Normalization uses fixed public constants, not statistics of any site's data.",
     ]
     if evaluation:
-        lines += ["", "## Evaluation", "See evaluation.json in this bundle. Headline numbers:", ""]
+        lines += ["", "## Evaluation (outside the DP guarantee)",
+                  "evaluation.json was computed with access to real records (training and test folds) and is "
+                  "released outside the DP mechanism: its numbers are not covered by the certificate above. "
+                  "Headline numbers:", ""]
         for key, value in _headline(evaluation):
             lines.append(f"- {key}: {value}")
     return "\n".join(lines) + "\n"
@@ -104,26 +113,27 @@ def export_bundle(run_dir: Path, out: Path, evaluation: Path | None = None) -> P
         "normalization.json": json.dumps(normalizer.to_dict(), indent=2).encode(),
         "labels.json": json.dumps(list(SCP_CODES)).encode(),
     }
+    outside_dp: dict[str, str] = {}
     if (run_dir / "privacy.json").is_file():
-        certificate = json.loads((run_dir / "privacy.json").read_text())
-        problems = verify_certificate(certificate)
+        problems = verify_release(run_dir)
         if problems:
             raise ValueError(f"{run_dir / 'privacy.json'} does not verify: " + "; ".join(problems))
+        certificate = json.loads((run_dir / "privacy.json").read_text())
         files["privacy.json"] = run_dir / "privacy.json"
     elif cfg.privacy.enabled:
         raise FileNotFoundError(f"{run_dir}: privacy is enabled but the run wrote no privacy.json")
-    evaluation_path = evaluation or run_dir / "evaluation.json"
-    evaluation = None
-    if evaluation_path.is_file():
+    report = None
+    if evaluation is not None:  # only on request: it was computed with access to real records
         from common.evaluation.report import SchemaError, validate
 
-        evaluation = json.loads(evaluation_path.read_text())
+        if not evaluation.is_file():
+            raise FileNotFoundError(f"--evaluation {evaluation}: no such file")
+        report = json.loads(evaluation.read_text())
         try:
-            validate(evaluation)
+            validate(report)
         except SchemaError as err:
-            raise ValueError(f"{evaluation_path} is not a fedecg evaluation report: {err}") from err
-        files["evaluation.json"] = evaluation_path
-    elif evaluation is not None:
-        raise FileNotFoundError(f"--evaluation {evaluation_path}: no such file")
-    files["MODEL_CARD.md"] = model_card(run_dir, cfg, progress, certificate, evaluation).encode()
-    return write_bundle(out, files)
+            raise ValueError(f"{evaluation} is not a fedecg evaluation report: {err}") from err
+        files["evaluation.json"] = evaluation
+        outside_dp["evaluation.json"] = "computed with access to real records; not covered by privacy.json"
+    files["MODEL_CARD.md"] = model_card(run_dir, cfg, progress, certificate, report).encode()
+    return write_bundle(out, files, outside_dp_guarantee=outside_dp)

@@ -18,8 +18,9 @@ def tiny_run_config(root: Path, directory: Path, **sections: dict[str, Any]) -> 
         "diffusion": {"timesteps": 50, "sample_steps": 4},
         "midt": {"enabled": True},
         "train": {"batch_size": 4, "steps": 3, "lr": 1e-3, "log_every": 1, "num_samples": 2, "device": "cpu"},
-        "privacy": {"enabled": True, "target_epsilon": 8.0, "delta": 1e-5, "accountant": "rdp"},
-        "federation": {"rounds": 2, "local_steps": 2, "min_sites": 2, "sample_every": 0, "num_cpus_per_site": 1.0},
+        "privacy": {"enabled": True, "target_epsilon": 8.0, "delta": 1e-5},
+        "federation": {"rounds": 2, "local_steps": 2, "min_sites": 2, "sample_every": 0, "num_cpus_per_site": 1.0,
+                       "site_state_dir": str(directory / "sites")},
         "output": {"dir": str(directory / "runs")},
     }
     for name, values in sections.items():

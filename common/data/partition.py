@@ -12,13 +12,18 @@ Rules shared by every scheme:
 - Patients: a patient's training records all go to one site, decided by their first record (lowest
   ecg_id): its `site` value, its age band or its label. So sites are patient-disjoint, which is what
   lets each site's DP guarantee cover its patients (parallel composition).
-- Local validation: each site keeps `local_val_fraction` of its patients (at least one when it has two
-  or more) out of training.
+- Local validation: a patient is kept out of their site's training for local validation iff a keyed hash
+  of (seed, patient) falls under `local_val_fraction`, so about that share of each site's patients
+  (see `_local_split` for the tiny-site fallbacks).
+- Patient-stable choices: the local validation split and `one_record_per_patient` decide each patient
+  from a keyed hash of that patient alone, so adding or removing one patient does not change any other
+  patient's holdout membership or chosen record (DP's neighbouring datasets differ in one patient only).
 - Determinism: everything is a function of the table and `seed` (row order of `meta` does not matter).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import asdict, dataclass, field
@@ -296,15 +301,49 @@ _SCHEMES = {"site": _by_site_value, "iid": _iid, "dirichlet": _dirichlet, "age":
 _SCHEME_COLUMNS = {"site": ["site"], "iid": [], "dirichlet": ["superclasses"], "age": ["age"]}
 
 
-def _local_split(patients: np.ndarray, fraction: float, rng: np.random.Generator) -> tuple[set[int], set[int]]:
-    """(train patients, local validation patients) of one site."""
-    n = len(patients)
-    n_val = int(round(fraction * n))
-    if fraction > 0 and n >= 2:
-        n_val = max(n_val, 1)
-    n_val = min(n_val, n - 1) if n else 0
-    shuffled = rng.permutation(np.sort(patients))
-    return set(shuffled[n_val:].tolist()), set(shuffled[:n_val].tolist())
+def _keyed_hash(seed: int, purpose: str, *values: int) -> int:
+    """A 64-bit keyed hash of integer `values`, keyed by `seed` and `purpose`: a pseudo-random draw per
+    value tuple that depends on nothing else (not on which other patients or records exist)."""
+    key = hashlib.blake2b(f"fedecg:{purpose}:{int(seed)}".encode(), digest_size=32).digest()  # any seed size
+    message = b"".join(int(v).to_bytes(8, "little", signed=True) for v in values)
+    return int.from_bytes(hashlib.blake2b(message, digest_size=8, key=key).digest(), "little")
+
+
+def _keyed_uniform(seed: int, purpose: str, *values: int) -> float:
+    """`_keyed_hash` as a uniform draw in [0, 1)."""
+    return _keyed_hash(seed, purpose, *values) / 2.0**64
+
+
+_LOCAL_VAL_PURPOSE = "local-val"
+_ONE_RECORD_PURPOSE = "one-record-per-patient"
+
+
+def _local_split(patients: np.ndarray, fraction: float, seed: int) -> tuple[set[int], set[int]]:
+    """(train patients, local validation patients) of one site.
+
+    A patient goes to local validation iff u(patient) < `fraction`, where u is a uniform in [0, 1) from a
+    keyed hash of the partition seed and the patient id (the same for every site and scheme). Each
+    patient's place is thus decided by that patient alone, and the validation share is `fraction` on
+    average rather than exactly.
+
+    Two fallbacks, both stable in the same sense: when `fraction` > 0, the site has two or more patients
+    and none falls under the threshold, the patient with the smallest u goes to validation; and when
+    every patient falls under it, the one with the largest u stays in training (a site always trains on
+    someone; a one-patient site has no validation). Only these fallbacks make one patient's place depend
+    on others: adding or removing a patient moves at most one other patient, and only in the degenerate
+    case where at most one of the site's patients is on one side of the threshold (a tiny site, or a
+    fraction near 0 or 1).
+    """
+    ids = sorted({int(p) for p in patients})
+    if fraction <= 0 or not ids:
+        return set(ids), set()
+    u = {p: _keyed_uniform(seed, _LOCAL_VAL_PURPOSE, p) for p in ids}
+    val = {p for p in ids if u[p] < fraction}
+    if not val and len(ids) >= 2:
+        val = {min(ids, key=lambda p: (u[p], p))}
+    if len(val) == len(ids):
+        val.discard(max(ids, key=lambda p: (u[p], p)))
+    return set(ids) - val, val
 
 
 def make_partition(meta: pd.DataFrame, cfg: PartitionConfig) -> Partition:
@@ -328,8 +367,7 @@ def make_partition(meta: pd.DataFrame, cfg: PartitionConfig) -> Partition:
         if site_records.empty:
             raise PartitionError(f"site {name} ({cfg.scheme} scheme) would have no training records; "
                                  "lower partition.num_sites or change the scheme's settings")
-        site_rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, _SCHEME_STREAM[cfg.scheme], 1, k]))
-        train_patients, val_patients = _local_split(site_records["patient_id"].unique(), cfg.local_val_fraction, site_rng)
+        train_patients, val_patients = _local_split(site_records["patient_id"].unique(), cfg.local_val_fraction, cfg.seed)
         is_val = site_records["patient_id"].isin(val_patients).to_numpy()
         sites.append(SitePartition(
             name=name,
@@ -380,9 +418,11 @@ def training_ids(meta: pd.DataFrame, cfg: PartitionConfig) -> list[int]:
 
 
 def one_record_per_patient(ecg_ids: Iterable[int], patient_ids: Iterable[int], seed: int) -> np.ndarray:
-    """One record per patient, drawn at random (seeded), in the order of `ecg_ids` (for privacy.unit=patient).
+    """One record per patient, in the order of `ecg_ids` (for privacy.unit=patient).
 
-    The draw depends only on the set of (ecg_id, patient_id) pairs and the seed, not on their order.
+    Each patient keeps the record with the smallest keyed hash of (seed, patient_id, ecg_id): a seeded
+    pseudo-random pick that depends only on that patient's own records, not on the order of the input
+    nor on which other patients are present.
     """
     ids = np.asarray(list(ecg_ids), dtype=np.int64)
     patients = np.asarray(list(patient_ids), dtype=np.int64)
@@ -390,10 +430,11 @@ def one_record_per_patient(ecg_ids: Iterable[int], patient_ids: Iterable[int], s
         raise ValueError(f"one_record_per_patient: {len(ids)} ecg_ids but {len(patients)} patient_ids")
     if len(np.unique(ids)) != len(ids):
         raise ValueError("one_record_per_patient: duplicate ecg_ids")
-    order = np.argsort(ids, kind="stable")
-    draw = np.random.default_rng(np.random.SeedSequence([seed, 0x5EC0])).permutation(len(ids))
-    shuffled = order[draw]
-    _, first = np.unique(patients[shuffled], return_index=True)
-    keep = np.zeros(len(ids), dtype=bool)
-    keep[shuffled[first]] = True
+    best: dict[int, tuple[int, int]] = {}
+    for ecg_id, patient in zip(ids.tolist(), patients.tolist()):
+        rank = (_keyed_hash(seed, _ONE_RECORD_PURPOSE, patient, ecg_id), ecg_id)
+        if patient not in best or rank < best[patient]:
+            best[patient] = rank
+    chosen = {ecg_id for _, ecg_id in best.values()}
+    keep = np.fromiter((i in chosen for i in ids.tolist()), dtype=bool, count=len(ids))
     return ids[keep]

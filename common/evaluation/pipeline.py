@@ -205,8 +205,10 @@ def prepare_bundle(
     sample_like(gen, train.meta.loc[chosen], SCP_CODES, synthetic_root, seed=settings.seed, progress=progress,
                 scp_statements=real_root / "scp_statements.csv")
     synthetic = load_dataset(_data_config(cfg, synthetic_root), progress=progress)
-    pairs, pairing = _pair(train, synthetic, settings.seed)
-    return EvalData("bundle", real_root, train, test, synthetic, synthetic_root, pairs, pairing, bundle=bundle, generator=gen)
+    # sample_like writes fresh ids: synthetic ecg_id k was sampled like chosen[k - 1].
+    position = {int(e): i for i, e in enumerate(train.ecg_ids)}
+    pairs = np.array([position[int(chosen[int(e) - 1])] for e in synthetic.ecg_ids], dtype=np.int64)
+    return EvalData("bundle", real_root, train, test, synthetic, synthetic_root, pairs, "ecg_id", bundle=bundle, generator=gen)
 
 
 def prepare_real_vs_real(real_root: str | Path, cfg: Config, settings: Settings, progress: bool = True) -> EvalData:

@@ -1,7 +1,7 @@
 """The generator's denoiser: S4D state-space layers (s4.py) in an SSSD-style residual stack (denoiser.py)."""
 
 from common.model.denoiser import PRESETS, Denoiser, DenoiserSpec, build_denoiser, count_parameters, resolve_spec
-from common.model.s4 import S4Block, S4DKernelConv, modules_on_functorch_fallback, s4d_functorch_fallback
+from common.model.s4 import S4Block, S4DKernelConv
 
 __all__ = [
     "PRESETS",
@@ -11,7 +11,5 @@ __all__ = [
     "S4DKernelConv",
     "build_denoiser",
     "count_parameters",
-    "modules_on_functorch_fallback",
     "resolve_spec",
-    "s4d_functorch_fallback",
 ]

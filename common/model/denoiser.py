@@ -207,12 +207,6 @@ class Denoiser(nn.Module):
         if cond_keep is not None and cond_keep.shape != (batch,):
             raise ValueError(f"Denoiser: cond_keep must be [B]=[{batch}] or None, got {tuple(cond_keep.shape)}")
 
-    def _has_opacus_hooks(self) -> bool:
-        return any(
-            getattr(hook, "__name__", "") == "capture_activations_hook"
-            for hook in self.input_proj._forward_hooks.values()
-        )
-
     def forward(
         self,
         x: Tensor,
@@ -236,12 +230,6 @@ class Denoiser(nn.Module):
         h = F.relu(self.input_proj(x.to(dtype)))  # (B C L)
         skips = None
         use_checkpoint = self.activation_checkpointing and self.training and torch.is_grad_enabled()
-        if use_checkpoint and self._has_opacus_hooks():
-            raise RuntimeError(
-                "model.activation_checkpointing cannot be combined with Opacus' per-sample gradient hooks: "
-                "recomputing a block in backward fires its forward hooks a second time. "
-                "Set model.activation_checkpointing=false for private training."
-            )
         for block, step_bias, cond_bias in zip(self.blocks, step_biases, cond_biases):
             if use_checkpoint:
                 h_next, skip = checkpoint(block, h, step_bias, cond_bias, use_reentrant=False)

@@ -1,4 +1,4 @@
-"""Diagonal state-space layer (S4D, Gu et al. 2022) in plain PyTorch, with an Opacus per-sample grad sampler.
+"""Diagonal state-space layer (S4D, Gu et al. 2022) in plain PyTorch, with exact per-sample gradients.
 
 One SSM per channel h, with N/2 complex modes n (the conjugate half is implied):
 
@@ -6,7 +6,8 @@ One SSM per channel h, with N/2 complex modes n (the conjugate half is implied):
     y    = k * u + D u                                                            (FFT convolution)
 
 `S4DKernelConv` owns every S4D parameter (log_dt, log_A_real, A_imag, C as a real view, D: all
-`nn.Parameter`, no buffers), so Opacus has exactly one module type to handle. Its grad sampler uses that
+`nn.Parameter`, no buffers), so a DP engine has exactly one module type to handle. `per_sample_grads` (which
+common/privacy/samplers.py registers with Opacus) uses that
 the kernel is shared by the batch: the per-sample gradient of k is one batched FFT cross-correlation of
 u_i with dL/dy_i; two einsums against the shared Vandermonde V(l) = exp(s l) give the gradients of
 (W, s) (PyTorch convention dL/dx + i dL/dy):
@@ -29,23 +30,16 @@ channels (SSSD's S4Layer), all layers Opacus supports natively.
 
 from __future__ import annotations
 
-import contextlib
 import math
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
-from opacus.grad_sample import GradSampleModule, register_grad_sampler
-from opacus.grad_sample.grad_sample_module import GradSampleHooks
-from opacus.grad_sample.grad_sample_module_fast_gradient_clipping import GradSampleHooksFastGradientClipping
 from torch import Tensor, nn
 
 __all__ = [
     "S4Block",
     "S4DKernelConv",
-    "modules_on_functorch_fallback",
     "next_fast_len",
-    "s4d_functorch_fallback",
 ]
 
 
@@ -345,44 +339,6 @@ class S4DKernelConv(nn.Module):
         if self.D.requires_grad:
             grads[self.D] = (u * grad_y).sum(-1)  # (B H)
         return grads
-
-
-@register_grad_sampler(S4DKernelConv)
-def _s4d_grad_sampler(layer: S4DKernelConv, activations: list[Tensor], backprops: Tensor) -> dict[nn.Parameter, Tensor]:
-    return layer.per_sample_grads(activations[0], backprops)
-
-
-_REGISTRIES = (GradSampleHooks.GRAD_SAMPLERS, GradSampleHooksFastGradientClipping.GRAD_SAMPLERS)
-
-
-@contextlib.contextmanager
-def s4d_functorch_fallback() -> Iterator[None]:
-    """Unregister the S4D grad sampler so Opacus falls back to functorch for it (for benchmarks and tests).
-
-    Opacus reads its registry both when it wraps a model and in every backward hook, so keep the
-    context open for the whole life of the wrapped model.
-    """
-    saved = [registry.pop(S4DKernelConv, None) for registry in _REGISTRIES]
-    try:
-        yield
-    finally:
-        for registry, sampler in zip(_REGISTRIES, saved):
-            if sampler is not None:
-                registry[S4DKernelConv] = sampler
-
-
-def modules_on_functorch_fallback(model: nn.Module) -> list[str]:
-    """Names of modules with trainable parameters of their own that have no registered Opacus grad sampler.
-
-    Opacus computes their per-sample gradients with functorch (slower, re-runs their forward). An empty list
-    means every layer uses a dedicated sampler.
-    """
-    fallback = []
-    for name, module in model.named_modules():
-        own = [p for p in module.parameters(recurse=False) if p.requires_grad]
-        if own and type(module) not in GradSampleModule.GRAD_SAMPLERS:
-            fallback.append(name or type(module).__name__)
-    return fallback
 
 
 class S4Block(nn.Module):

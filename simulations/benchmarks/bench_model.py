@@ -78,7 +78,7 @@ def run_variant(args: argparse.Namespace) -> dict[str, Any]:
     from common.diffusion import GaussianDiffusion
     from common.losses import MelSpectrogramLoss
     from common.model.denoiser import build_denoiser, count_parameters
-    from common.model.s4 import modules_on_functorch_fallback, s4d_functorch_fallback
+    from common.privacy.samplers import modules_on_functorch_fallback, s4d_functorch_fallback
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -2,7 +2,7 @@
 
     # quickstart model on CPU, every Opacus grad-sample mode:
     python -m simulations.benchmarks.bench_train --config configs/quickstart.yaml --steps 6 \
-        --variants nondp,hooks,functorch,ew,ghost
+        --variants nondp,hooks,functorch,ghost
     # GPU slice of the paper-size model (a site's records exported once to a small cache file):
     python -m simulations.benchmarks.bench_train --config configs/ptbxl_sites.yaml --export-cache site0.npz --records 1000
     python -m simulations.benchmarks.bench_train --config configs/ptbxl_sites.yaml --cache site0.npz --steps 20
@@ -96,7 +96,7 @@ def run_variant(args: argparse.Namespace) -> dict:
             return None
         # A generous target, so the budget never stops a benchmark; sigma as calibrated for the real plan.
         privacy = replace(cfg.privacy, target_epsilon=1e6, noise_multiplier=1.0)
-        return plan_budget("bench", privacy, cfg.train.batch_size, len(data), len(data), 1, args.warmup + args.steps)
+        return plan_budget("bench", privacy, cfg.train.batch_size, len(data), args.warmup + args.steps)
 
     train_local(model, diffusion, data, cfg, args.warmup, budget=budget(), progress=False, seed=1)
     if device.type == "cuda":

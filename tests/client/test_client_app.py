@@ -1,20 +1,25 @@
-"""The ClientApp's train handler, called directly: what leaves a site, and how the budget persists."""
+"""The ClientApp's handlers, called directly: what leaves a site, secret noise, and the site's own ledger."""
 
 import json
-from pathlib import Path
+import shutil
 
 import pytest
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from client.client_app import BUDGET_KEY, handle_train
+from client.client_app import handle_memorization, handle_train
+from client.site import _SITE_CACHE
 from common.config import RunSpec, load
 from common.model.denoiser import build_denoiser
+from tests.fixtures_ptbxl import derive12, write_record
 from tests.run_configs import tiny_run_config
 
+PUBLIC_METRICS = {"site-index", "num-records", "steps", "steps-total", "planned-steps", "epsilon", "budget-exhausted"}
 
-def _train_message(state, server_round):
-    content = RecordDict({"arrays": ArrayRecord(state), "config": ConfigRecord({"server-round": server_round})})
-    return Message(content, dst_node_id=1, message_type="train")
+
+def _train_message(state, server_round, run_key="run-a"):
+    config = ConfigRecord({"server-round": server_round, "run-key": run_key})
+    return Message(RecordDict({"arrays": ArrayRecord(state), "config": config}), dst_node_id=1, message_type="train")
 
 
 @pytest.fixture(autouse=True)
@@ -23,6 +28,7 @@ def flower_task_identity():
     from flwr.supercore.task_identity import TaskIdentity
 
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1
+    _SITE_CACHE.clear()
 
 
 @pytest.fixture
@@ -31,47 +37,106 @@ def spec(tiny_ptbxl, tmp_path):
     return RunSpec(str(path), (), str(tmp_path / "run"))
 
 
-def test_reply_carries_only_model_arrays_and_scalar_metrics(spec):
+def _context(partition_id=0, **node_config):
+    return Context(run_id=1, node_id=1, node_config={"partition-id": partition_id, "num-partitions": 2, **node_config},
+                   state=RecordDict(), run_config={})
+
+
+def _weights(reply):
+    return reply.content["arrays"].to_torch_state_dict()
+
+
+def _initial_state(spec):
+    torch.manual_seed(0)
+    return build_denoiser(load(spec.config_path).model).state_dict()
+
+
+def test_reply_carries_weights_and_public_plan_numbers_only(spec, tmp_path):
     cfg = load(spec.config_path)
-    state = build_denoiser(cfg.model).state_dict()
-    context = Context(run_id=1, node_id=1, node_config={"partition-id": 0, "num-partitions": 2}, state=RecordDict(), run_config={})
-    reply = handle_train(_train_message(state, 1), context, spec)
+    reply = handle_train(_train_message(_initial_state(spec), 1), _context(), spec)
     content = reply.content
-    assert set(content.keys()) == {"arrays", "metrics"}
-    assert isinstance(content["arrays"], ArrayRecord) and isinstance(content["metrics"], MetricRecord)
-    returned = content["arrays"].to_torch_state_dict()
-    assert set(returned) == set(state)  # plain weights: no Opacus "_module." prefixes
-    for key, value in content["metrics"].items():
-        assert isinstance(value, (int, float)), f"metric {key} is not a scalar"
+    assert set(content.keys()) == {"arrays", "metrics", "site", "privacy"}
+    assert set(_weights(reply)) == set(_initial_state(spec))  # plain weights: no Opacus "_module." prefixes
     metrics = dict(content["metrics"])
+    assert set(metrics) == PUBLIC_METRICS  # no loss, no realised batch size, no timing
     assert metrics["steps"] == cfg.federation.local_steps
     assert 0 < metrics["epsilon"] <= cfg.privacy.target_epsilon
-    # The accountant history survives in context.state and on disk, and the next round composes it.
-    assert BUDGET_KEY in context.state
-    on_disk = json.loads(next((Path(spec.run_dir) / "sites").rglob("privacy_budget.json")).read_text())
-    assert on_disk["history"][0][2] == cfg.federation.local_steps
-    second = handle_train(_train_message(returned, 2), context, spec)
-    metrics2 = dict(second.content["metrics"])
-    assert metrics2["steps-total"] == 2 * cfg.federation.local_steps
-    assert metrics2["epsilon"] > metrics["epsilon"]
+    budget = json.loads(content["privacy"]["budget"])
+    assert budget["steps"] == cfg.federation.local_steps and budget["prior_history"] == []
+    # Losses stay in the site's own log.
+    log = next((tmp_path / "sites").glob("*/train_log.csv")).read_text().splitlines()
+    assert log[0].startswith("time,round,steps,loss") and len(log) == 2
+
+
+def test_what_leaves_a_site_does_not_depend_on_its_records_contents(spec, tiny_ptbxl, tmp_path):
+    first = handle_train(_train_message(_initial_state(spec), 1), _context(), spec)
+    # Same ids, same count, other signals: every number the site sends must be the same.
+    for row in tiny_ptbxl.rows:
+        write_record(tiny_ptbxl.root / row["filename_lr"], derive12(3.0 * tiny_ptbxl.signals8[row["ecg_id"]].T), fs=100)
+    other = RunSpec(spec.config_path, ("data.cache_dir=" + str(tmp_path / "cache2"),
+                                       "federation.site_state_dir=" + str(tmp_path / "sites2")), spec.run_dir)
+    _SITE_CACHE.clear()
+    second = handle_train(_train_message(_initial_state(spec), 1), _context(), other)
+    assert dict(first.content["metrics"]) == dict(second.content["metrics"])
+    assert first.content["privacy"]["budget"] == second.content["privacy"]["budget"]
+    assert first.content["site"]["name"] == second.content["site"]["name"]
+
+
+def test_replaying_a_round_from_public_information_does_not_reproduce_it(spec, tmp_path):
+    state = _initial_state(spec)
+    original = _weights(handle_train(_train_message(state, 1), _context(), spec))
+    # The server (or anyone with the config, the certificate and the messages) replays the round elsewhere.
+    replay = RunSpec(spec.config_path, ("federation.site_state_dir=" + str(tmp_path / "attacker"),), spec.run_dir)
+    replayed = _weights(handle_train(_train_message(state, 1), _context(), replay))
+    assert any(not torch.equal(original[k], replayed[k]) for k in original)
+    # Asking the site itself for the same round again draws fresh noise, never the same noise twice.
+    again = _weights(handle_train(_train_message(state, 1), _context(), spec))
+    assert any(not torch.equal(original[k], again[k]) for k in original)
+
+
+def test_the_site_secret_alone_replays_a_round_bit_for_bit(spec, tmp_path):
+    state = _initial_state(spec)
+    original = _weights(handle_train(_train_message(state, 1), _context(), spec))
+    site_dir = next((tmp_path / "sites").iterdir())
+    twin_root = tmp_path / "twin"
+    (twin_root / site_dir.name).mkdir(parents=True)
+    shutil.copy(site_dir / "secret.key", twin_root / site_dir.name / "secret.key")
+    twin = RunSpec(spec.config_path, ("federation.site_state_dir=" + str(twin_root),), spec.run_dir)
+    replayed = _weights(handle_train(_train_message(state, 1), _context(), twin))
+    assert all(torch.equal(original[k], replayed[k]) for k in original)
 
 
 def test_spent_budget_answers_budget_exhausted_without_weights(spec):
     cfg = load(spec.config_path)
-    state = build_denoiser(cfg.model).state_dict()
-    context = Context(run_id=1, node_id=1, node_config={"partition-id": 1, "num-partitions": 2}, state=RecordDict(), run_config={})
+    state = _initial_state(spec)
+    context = _context(partition_id=1)
     for server_round in range(1, cfg.federation.rounds + 1):
-        reply = handle_train(_train_message(state, server_round), context, spec)
-        state = reply.content["arrays"].to_torch_state_dict()
+        state = _weights(handle_train(_train_message(state, server_round), context, spec))
     extra = handle_train(_train_message(state, cfg.federation.rounds + 1), context, spec)
-    assert set(extra.content.keys()) == {"metrics"}
+    assert "arrays" not in extra.content
     metrics = dict(extra.content["metrics"])
     assert metrics["budget-exhausted"] == 1 and metrics["steps"] == 0
     assert metrics["epsilon"] <= cfg.privacy.target_epsilon
 
 
-def test_site_count_mismatch_is_a_clear_error(spec):
+def test_a_new_run_over_the_same_records_is_refused_by_the_lifetime_budget(spec):
     cfg = load(spec.config_path)
+    state = _initial_state(spec)
+    for server_round in range(1, cfg.federation.rounds + 1):
+        handle_train(_train_message(state, server_round), _context(), spec)
+    with pytest.raises(RuntimeError, match="past the lifetime budget"):
+        handle_train(_train_message(state, 1, run_key="run-b"), _context(), spec)
+
+
+def test_memorization_report_stays_at_the_site(spec, tmp_path):
+    reply = handle_memorization(Message(RecordDict({"arrays": ArrayRecord(_initial_state(spec))}), dst_node_id=1,
+                                        message_type="evaluate.memorization"), _context(), spec)
+    assert dict(reply.content["metrics"]) == {"site-index": 0, "memorization-checked": 1}
+    report = json.loads(next((tmp_path / "sites").glob("*/memorization.json")).read_text())
+    assert 0.0 <= report["mia_auc"] <= 1.0
+
+
+def test_site_count_mismatch_is_a_clear_error(spec):
     context = Context(run_id=1, node_id=1, node_config={"partition-id": 0, "num-partitions": 5}, state=RecordDict(), run_config={})
     with pytest.raises(ValueError, match="5 SuperNodes but the partition defines 2 sites"):
-        handle_train(_train_message(build_denoiser(cfg.model).state_dict(), 1), context, spec)
+        handle_train(_train_message(_initial_state(spec), 1), context, spec)

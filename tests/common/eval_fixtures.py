@@ -66,8 +66,8 @@ def metadata_rows(rng: np.random.Generator, ecg_ids: list[int], folds: list[int]
 
 
 def make_eval_folders(base: Path, n_real: int = 72, n_synthetic: int = 24, seed: int = 0) -> tuple[Path, Path]:
-    """A real folder (folds 1..9, fold 9 the test fold) and a synthetic one shaped like `sample_like`
-    output: the metadata rows of real training records (same ecg_ids), with new signals."""
+    """A real folder (folds 1..9, fold 9 the test fold) and a synthetic one that reuses the metadata rows of
+    real training records (same ecg_ids) with new signals, as an evaluator's own paired folder may."""
     rng = np.random.default_rng(seed)
     ids = list(range(1, n_real + 1))
     folds = [i % 9 + 1 for i in ids]

@@ -43,8 +43,12 @@ def test_unknown_section_and_wrong_type(tmp_path):
     path.write_text("federation:\n  rounds: three\n")
     with pytest.raises(ConfigError, match=r"federation\.rounds: expected an integer"):
         load(path)
-    path.write_text("privacy:\n  accountant: gdp\n")
-    with pytest.raises(ConfigError, match="accountant"):
+    path.write_text("privacy:\n  unit: hospital\n")
+    with pytest.raises(ConfigError, match="unit"):
+        load(path)
+    # A mode that looks valid but cannot work is refused with the reason, not left to fail mid-run.
+    path.write_text("privacy:\n  grad_sample_mode: ew\n")
+    with pytest.raises(ConfigError, match="refused: .*ExpandedWeights"):
         load(path)
     with pytest.raises(ConfigError, match=r"train\.steps"):
         from_dict({}, ["train.steps=1.5"])

@@ -12,6 +12,7 @@ from common.config import PartitionConfig
 from common.data.partition import (
     Partition,
     PartitionError,
+    _local_split,
     make_partition,
     one_record_per_patient,
     training_ids,
@@ -200,11 +201,17 @@ def test_age_scheme_bands_patients_by_their_first_record(meta):
 
 def test_local_validation_share_is_whole_patients(meta):
     partition = make_partition(meta, cfg_for("iid", local_val_fraction=0.2))
+    pooled_val = pooled = 0
     for site in partition.sites:
         train_p = set(meta.loc[list(site.train_ids), "patient_id"])
         val_p = set(meta.loc[list(site.val_ids), "patient_id"])
         assert not train_p & val_p
-        assert abs(len(val_p) / (len(val_p) + len(train_p)) - 0.2) < 0.01
+        # Each patient is drawn independently (keyed hash), so the share is binomial around 0.2
+        # (~150 patients per site: sd ~0.03).
+        assert abs(len(val_p) / (len(val_p) + len(train_p)) - 0.2) < 0.1
+        pooled_val += len(val_p)
+        pooled += len(val_p) + len(train_p)
+    assert abs(pooled_val / pooled - 0.2) < 0.06
     none = make_partition(meta, cfg_for("iid", local_val_fraction=0.0))
     assert all(not s.val_ids for s in none.sites)
 
@@ -272,3 +279,86 @@ def test_training_ids_are_every_training_fold_record(meta):
     assert fold.isin(cfg.train_folds).all() and ids == sorted(ids)
     partition = make_partition(meta, cfg)
     assert set(partition.train_ids()) < set(ids)
+
+
+# -- patient-stable choices (DP's neighbouring datasets differ in one patient) -------------------------
+
+
+def holdout_of(partition: Partition, meta: pd.DataFrame) -> dict[int, bool]:
+    """Per patient held by a site: True if in the site's local validation share."""
+    out: dict[int, bool] = {}
+    for site in partition.sites:
+        out.update({int(p): False for p in meta.loc[list(site.train_ids), "patient_id"]})
+        out.update({int(p): True for p in meta.loc[list(site.val_ids), "patient_id"]})
+    return out
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_removing_one_patient_changes_no_other_patients_holdout(meta, scheme):
+    cfg = cfg_for(scheme, local_val_fraction=0.2)
+    before = holdout_of(make_partition(meta, cfg), meta)
+    in_val = sorted(p for p, v in before.items() if v)
+    in_train = sorted(p for p, v in before.items() if not v)
+    for removed in (in_val[0], in_val[len(in_val) // 2], in_train[0], in_train[-1]):
+        after = holdout_of(make_partition(meta[meta["patient_id"] != removed], cfg), meta)
+        assert removed not in after
+        common = set(before) & set(after)
+        assert len(common) >= len(before) - 1
+        changed = sorted(p for p in common if before[p] != after[p])
+        assert not changed, f"removing patient {removed} moved patients {changed}"
+
+
+def test_removing_one_patient_changes_no_other_patients_chosen_record(meta):
+    ids = meta.index.to_numpy()
+    patients = meta["patient_id"].to_numpy()
+    chosen = set(one_record_per_patient(ids, patients, seed=4).tolist())
+    counts = meta.groupby("patient_id").size()
+    multi = [int(p) for p in counts.index[counts > 1]]
+    for removed in (multi[0], multi[len(multi) // 2], multi[-1], int(counts.index[counts == 1][0])):
+        keep = patients != removed
+        after = set(one_record_per_patient(ids[keep], patients[keep], seed=4).tolist())
+        assert after == chosen - set(ids[~keep].tolist())
+    # Removing one of a patient's other records does not change their pick either.
+    patient = multi[0]
+    records = set(meta.index[meta["patient_id"] == patient])
+    spare = sorted(records - chosen)[0]
+    keep = ids != spare
+    assert set(one_record_per_patient(ids[keep], patients[keep], seed=4).tolist()) == chosen
+
+
+def test_holdout_and_record_choice_are_seeded(meta):
+    cfg = cfg_for("age", local_val_fraction=0.2)
+    first = holdout_of(make_partition(meta, cfg), meta)
+    assert holdout_of(make_partition(meta, cfg), meta) == first
+    assert holdout_of(make_partition(meta.sample(frac=1.0, random_state=2), cfg), meta) == first
+    other = holdout_of(make_partition(meta, dataclasses.replace(cfg, seed=cfg.seed + 1)), meta)
+    assert set(other) == set(first) and other != first
+    ids = meta.index.to_numpy()
+    patients = meta["patient_id"].to_numpy()
+    picks = one_record_per_patient(ids, patients, seed=9)
+    assert list(one_record_per_patient(ids, patients, seed=9)) == list(picks)
+    assert list(one_record_per_patient(ids, patients, seed=10)) != list(picks)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_local_val_share_is_roughly_the_fraction(seed):
+    patients = np.arange(5_000, 5_400)
+    for fraction in (0.1, 0.25):
+        train, val = _local_split(patients, fraction, seed)
+        assert train | val == set(patients.tolist()) and not train & val
+        assert abs(len(val) / len(patients) - fraction) < 0.07  # binomial, n=400: sd <= 0.022
+    assert _local_split(patients, 0.0, seed) == (set(patients.tolist()), set())
+
+
+def test_local_split_fallbacks_are_stable():
+    # One patient: never validated. Two or more: at least one in validation, at least one in training.
+    assert _local_split(np.array([7]), 0.5, 0) == ({7}, set())
+    small = np.arange(100, 106)
+    train, val = _local_split(small, 1e-9, 0)  # nobody under the threshold: the smallest u goes to validation
+    assert len(val) == 1 and len(train) == 5
+    train_hi, val_hi = _local_split(small, 1.0 - 1e-9, 0)  # everybody under it: the largest u stays in training
+    assert len(train_hi) == 1 and len(val_hi) == 5
+    # The fallback picks do not depend on the order or on an unrelated patient removed.
+    assert _local_split(small[::-1], 1e-9, 0) == (train, val)
+    spare = sorted(train)[0]
+    assert _local_split(small[small != spare], 1e-9, 0)[1] == val

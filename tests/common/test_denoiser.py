@@ -9,7 +9,7 @@ from torch import nn
 
 from common.config import ModelConfig
 from common.model.denoiser import PRESETS, Denoiser, build_denoiser, count_parameters, resolve_spec
-from common.model.s4 import modules_on_functorch_fallback
+from common.privacy.samplers import modules_on_functorch_fallback
 
 LENGTH = 200  # the model is length-agnostic; short signals keep these tests fast
 
@@ -124,9 +124,3 @@ def test_activation_checkpointing_gives_identical_outputs_and_gradients() -> Non
         torch.testing.assert_close(results[1][1][name], grad, atol=1e-7, rtol=1e-6, msg=name)
 
 
-def test_activation_checkpointing_refuses_opacus_hooks() -> None:
-    model = _tiny(activation_checkpointing=True)
-    wrapped = GradSampleModule(model)
-    with pytest.raises(RuntimeError, match="activation_checkpointing cannot be combined with Opacus"):
-        wrapped(*_inputs())
-    wrapped._close()

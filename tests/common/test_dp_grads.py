@@ -15,10 +15,13 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from common.config import DiffusionConfig, MidtConfig, ModelConfig
-from common.diffusion import GaussianDiffusion, merge_noise_draws
+from common.config import PrivacyConfig
+from common.diffusion import GaussianDiffusion
 from common.losses import MelSpectrogramLoss
 from common.model.denoiser import build_denoiser
-from common.model.s4 import S4DKernelConv, modules_on_functorch_fallback, s4d_functorch_fallback
+from common.model.s4 import S4DKernelConv
+from common.privacy import make_private, plan_budget
+from common.privacy.samplers import merge_noise_draws, modules_on_functorch_fallback, s4d_functorch_fallback
 
 LENGTH = 96
 MEL_WEIGHT = 0.5  # larger than MIDT's 0.02 so the mel term visibly shapes the gradients
@@ -136,12 +139,13 @@ class DenoiserOnly(nn.Module):
         )["loss"]  # fmt: skip
 
 
-def test_noise_multiplicity_gradients_are_merged_per_example_when_backward_ends() -> None:
+def test_noise_multiplicity_gradients_are_merged_per_example_before_clipping() -> None:
     loss_module = PerExampleLoss(multiplicity=2)
     batch = _batch(batch=3, multiplicity=2, seed=2)
     reference = {name.removeprefix("model."): g for name, g in _loop_grads(loss_module, batch).items()}
     wrapped = GradSampleModule(loss_module.model, loss_reduction="mean")
     DenoiserOnly(loss_module).loss(wrapped, batch).mean().backward()
+    merge_noise_draws(loss_module.model, 2)  # what the engine does between backward and the optimizer step
     # The denoiser saw B*K = 6 rows; clipping must see one gradient per example.
     _assert_same(reference, {name: p.grad_sample for name, p in loss_module.model.named_parameters()})
     wrapped._close()
@@ -157,12 +161,25 @@ def test_merge_noise_draws_checks_the_row_count() -> None:
         merge_noise_draws(layer, 4)
 
 
+def _engine_inputs(privacy: PrivacyConfig, model_cfg: ModelConfig = ModelConfig(size="tiny")):
+    model = build_denoiser(model_cfg)
+    data = TensorDataset(torch.randn(8, 8, LENGTH), torch.zeros(8, 71), torch.zeros(8, 8))
+    budget = plan_budget("s", privacy, 4, len(data), planned_steps=2)
+    return model, torch.optim.SGD(model.parameters(), lr=0.1), data, budget
+
+
 def test_noise_multiplicity_is_refused_with_ghost_clipping() -> None:
-    loss_module = PerExampleLoss(multiplicity=2)
-    wrapped = GradSampleModuleFastGradientClipping(loss_module.model, loss_reduction="mean", use_ghost_clipping=True)
-    with pytest.raises(ValueError, match="fast/ghost clipping"):
-        DenoiserOnly(loss_module).loss(wrapped, _batch(batch=2, multiplicity=2))
-    wrapped._close()
+    privacy = PrivacyConfig(noise_multiplier=1.0, grad_sample_mode="ghost")
+    model, optimizer, data, budget = _engine_inputs(privacy)
+    with pytest.raises(ValueError, match="ghost clipping"):
+        make_private(model, optimizer, data, 4, budget, privacy, multiplicity=2)
+
+
+def test_activation_checkpointing_is_refused_under_dp() -> None:
+    privacy = PrivacyConfig(noise_multiplier=1.0)
+    model, optimizer, data, budget = _engine_inputs(privacy, ModelConfig(size="tiny", activation_checkpointing=True))
+    with pytest.raises(RuntimeError, match="activation_checkpointing cannot be combined with Opacus"):
+        make_private(model, optimizer, data, 4, budget, privacy, multiplicity=1)
 
 
 def test_one_private_step_with_opacus() -> None:

@@ -47,7 +47,7 @@ def test_two_folder_mode_writes_a_valid_evaluation_json(evaluated, folders):
     report.validate(result)  # raises on any departure from the documented schema
     assert result["mode"] == "folders" and result["quick"] is False
     inputs = result["inputs"]
-    assert inputs["pairing"] == "ecg_id"  # the synthetic folder reuses real training ids, like sample_like
+    assert inputs["pairing"] == "ecg_id"  # the fixture's synthetic folder reuses real training ids
     assert (inputs["n_real_train"], inputs["n_real_test"], inputs["n_synthetic"]) == (64, 8, 24)
     assert result["memorization"]["mia"] is None  # no generator in this mode
     assert [row["n_real"] for row in result["utility"]["low_data"]] == [8, 16]

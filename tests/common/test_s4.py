@@ -15,10 +15,9 @@ from common.model.s4 import (
     _modes,
     _modes_vjp,
     _VandermondeKernel,
-    modules_on_functorch_fallback,
     next_fast_len,
-    s4d_functorch_fallback,
 )
+from common.privacy.samplers import modules_on_functorch_fallback, s4d_functorch_fallback
 
 
 

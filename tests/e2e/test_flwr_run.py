@@ -22,7 +22,8 @@ def test_flwr_run_local_simulation_trains_two_sites_and_its_superlink_is_stopped
     root = ptbxl_for_e2e(request)
     pyproject = (PROJECT / "pyproject.toml").read_bytes()
     result = run_flwr_local_simulation(
-        CONFIG, [f"data.cache_dir={tmp_path / 'cache'}"], data_root=root, run_dir=tmp_path / "run",
+        CONFIG, [f"data.cache_dir={tmp_path / 'cache'}", f"federation.site_state_dir={tmp_path / 'sites'}"],
+        data_root=root, run_dir=tmp_path / "run",
         timeout_s=240, progress=False,
     )
     assert result.status == "finished:completed"

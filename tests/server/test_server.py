@@ -11,9 +11,9 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 from common.config import from_dict, load
 from common.model.denoiser import build_denoiser
 from common.normalization import federated_normalizer
-from common.privacy import build_certificate, epsilon_of, verify_certificate
+from common.privacy import build_certificate, plan_budget, verify_certificate
 from server.server_app import _monitor
-from server.strategy import PrivacyLedger, build_strategy, load_strategy_state, save_strategy_state
+from server.strategy import LedgerConflict, PrivacyLedger, build_strategy, load_strategy_state, save_strategy_state
 from tests.run_configs import tiny_run_config
 
 
@@ -40,19 +40,42 @@ def test_fedadam_moments_survive_a_checkpoint(tmp_path):
     assert getattr(stateless, "m_t", None) is None
 
 
-def test_ledger_rebuilds_a_verifiable_certificate_from_scalar_metrics():
-    cfg = from_dict({"privacy": {"accountant": "rdp"}})
+def _reported(site, steps, cfg):
+    budget = plan_budget(site, cfg.privacy, cfg.train.batch_size, 500, cfg.federation.rounds * cfg.federation.local_steps)
+    budget.steps = steps
+    return budget.to_json()
+
+
+@pytest.fixture(scope="module")
+def ledger_cfg():
+    return from_dict({"privacy": {"noise_multiplier": 1.2}, "federation": {"rounds": 3, "local_steps": 10},
+                      "partition": {"num_sites": 2}})
+
+
+def test_ledger_builds_a_verifiable_certificate_from_site_reports(ledger_cfg):
+    cfg = ledger_cfg
     ledger = PrivacyLedger()
-    for site, steps in (("site-0", 20), ("site-1", 30)):
-        metrics = {"noise-multiplier": 1.2, "sample-rate": 0.02, "steps-total": steps, "target-epsilon": 10.0,
-                   "delta": 1e-5, "max-grad-norm": 1.0, "planned-steps": 30, "num-records": 500, "num-patients": 450,
-                   "max-records-per-patient": 3, "budget-exhausted": 0}
-        metrics["epsilon"] = epsilon_of([(1.2, 0.02, steps)], 1e-5, "rdp")
-        ledger.update(site, metrics)
-    certificate = build_certificate(cfg, PrivacyLedger.from_json(ledger.to_json()).budgets(cfg))
+    for node, (site, steps) in enumerate((("site-0", 20), ("site-1", 30))):
+        ledger.update(node, site, _reported(site, steps, cfg))
+    restored = PrivacyLedger.from_json(ledger.to_json())
+    certificate = build_certificate(cfg, restored.budgets(), "federated", "0" * 64)
     assert verify_certificate(certificate) == []
-    assert certificate["release"]["epsilon"] == pytest.approx(ledger.sites["site-1"]["epsilon"])
+    assert [s["steps"] for s in certificate["sites"]] == [20, 30]
     assert "site-1" in ledger.table()
+
+
+def test_ledger_refuses_a_second_node_for_one_site_and_lost_steps(ledger_cfg):
+    cfg = ledger_cfg
+    ledger = PrivacyLedger()
+    ledger.update(1, "site-0", _reported("site-0", 10, cfg))
+    with pytest.raises(LedgerConflict, match="nodes 1 and 2 both claim site site-0"):
+        ledger.update(2, "site-0", _reported("site-0", 10, cfg))
+    with pytest.raises(LedgerConflict, match="lost state"):
+        ledger.update(1, "site-0", _reported("site-0", 5, cfg))
+    with pytest.raises(LedgerConflict, match="budget of site site-1"):
+        ledger.update(1, "site-0", _reported("site-1", 20, cfg))
+    ledger.update(1, "site-0", _reported("site-0", 20, cfg))
+    assert ledger.budgets()[0].steps == 20
 
 
 def test_round_monitoring_scores_the_global_model(tiny_ptbxl, tmp_path):
