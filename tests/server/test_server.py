@@ -22,6 +22,8 @@ def test_strategies_are_selectable(name, cls):
     strategy = build_strategy(from_dict({"federation": {"strategy": name, "min_sites": 3}}))
     assert type(strategy) is cls
     assert strategy.min_train_nodes == 3
+    # FedAvg weights by the declared record count (public under replace-one), never by realised batch sizes.
+    assert strategy.weighted_by_key == "num-records"
 
 
 def test_fedadam_moments_survive_a_checkpoint(tmp_path):
