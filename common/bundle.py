@@ -142,6 +142,33 @@ def load_generator(path: str | Path) -> Generator:
     return build_generator(cfg, state, normalizer, path)
 
 
+def load_public_base(path: str | Path, cfg: Config) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The weights and provenance (base.json) of a `fedecg pretrain` run, checked against `cfg`.
+
+    The base must have the configured architecture, and its public pool must be the one this partition
+    excludes from the federation (same partition section), so no federated patient was pretrained on.
+    """
+    path = Path(path)
+    if not (path / "base.json").is_file():
+        raise BundleError(f"federation.init_from={path}: no base.json there; make a base with `fedecg pretrain`")
+    base = json.loads((path / "base.json").read_text())
+    checkpoint = latest_checkpoint(path)
+    if checkpoint is None:
+        raise BundleError(f"federation.init_from={path}: no checkpoint")
+    if sha256_file(checkpoint / WEIGHTS) != base["weights_sha256"]:
+        raise BundleError(f"federation.init_from={path}: the weights are not the ones base.json describes")
+    plain = to_dict(cfg)
+    if base["model"] != plain["model"]:
+        raise BundleError(f"federation.init_from={path}: the base's model section differs from this config's")
+    if base["partition"] != plain["partition"]:
+        raise BundleError(
+            f"federation.init_from={path}: the base was pretrained under another partition section; its public pool "
+            "must be exactly the one this federation excludes (partition.public_sites)"
+        )
+    state, _, _, _ = read_checkpoint(checkpoint)
+    return state, {k: base[k] for k in ("trained_on", "records", "patients", "steps", "weights_sha256", "config_sha256")}
+
+
 def verify_bundle(path: str | Path) -> list[str]:
     """Check every file against manifest.json; return the problems found (empty: intact)."""
     path = Path(path)

@@ -46,11 +46,12 @@ class PartitionConfig:
     val_folds: tuple[int, ...] = (9,)
     test_folds: tuple[int, ...] = (10,)
     local_val_fraction: float = 0.1  # share of each site's patients kept for local validation
+    public_sites: tuple[int, ...] = ()  # site scheme: PTB-XL sites declared public (pretraining pool), never federated
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    size: str = "tiny"  # tiny | small | sssd; fields below override the preset
+    size: str = "tiny"  # tiny | small | sssd (SSSD stacks) | unet (multi-scale); fields below override the preset
     channels: int | None = None
     blocks: int | None = None
     state_dim: int | None = None
@@ -89,6 +90,8 @@ class TrainConfig:
     batch_size: int = 32
     steps: int = 100  # central training steps; federated runs use federation.local_steps
     lr: float = 2e-4
+    warmup_steps: int = 0  # central and pretraining runs: linear warm-up of the learning rate
+    lr_decay: str = "none"  # central and pretraining runs: none | cosine (to zero at train.steps)
     weight_decay: float = 0.0
     ema_decay: float = 0.999
     grad_clip: float = 1.0  # non-private runs only; DP clips per sample
@@ -127,6 +130,7 @@ class FederationConfig:
     sample_every: int = 1  # write a sample PNG from the global model every K rounds (0: never)
     evaluate_every: int = 0  # fidelity of the global model on a small batch every K rounds (0: never)
     num_cpus_per_site: float = 1.0
+    init_from: str | None = None  # a `fedecg pretrain` run: the public base model the federation starts from
     site_state_dir: str = ".fedecg/sites"  # each site's ledger, secret key and local logs (node_config state-dir wins)
 
 
@@ -172,11 +176,12 @@ _CHOICES = {
     ("data", "on_bad_record"): {"error", "skip"},
     ("partition", "scheme"): {"site", "iid", "dirichlet", "age"},
     ("partition", "rest"): {"drop", "merge"},
-    ("model", "size"): {"tiny", "small", "sssd"},
+    ("model", "size"): {"tiny", "small", "sssd", "unet"},
     ("diffusion", "schedule"): {"linear", "cosine"},
     ("diffusion", "sampler"): {"ddim", "ddpm"},
     ("midt", "target"): {"posterior_mean", "x0"},
     ("train", "device"): {"auto", "cpu", "cuda"},
+    ("train", "lr_decay"): {"none", "cosine"},
     ("privacy", "unit"): {"record", "patient"},
     ("privacy", "grad_sample_mode"): {"hooks", "functorch", "ghost"},
     ("federation", "strategy"): {"fedavg", "fedprox", "fedadam"},

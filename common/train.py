@@ -96,6 +96,14 @@ class TrainResult:
     empty_batches: int = 0  # Poisson batches with no example: noise-only steps
 
 
+def lr_factor(step: int, total: int, warmup: int, decay: str) -> float:
+    """Multiplier of the base learning rate at optimizer step `step` (0-based) of `total`."""
+    factor = min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+    if decay == "cosine":
+        factor *= 0.5 * (1.0 + math.cos(math.pi * min(step, total) / max(1, total)))
+    return factor
+
+
 def _batches(loader: DataLoader):
     while True:
         yield from loader
@@ -119,11 +127,16 @@ def train_local(
     ema: EMA | None = None,
     proximal_mu: float = 0.0,
     seed: int | None = None,
+    schedule: bool = False,
     progress: bool = True,
     description: str = "train",
     on_log: Callable[[dict[str, float]], None] | None = None,
 ) -> TrainResult:
-    """Train `model` in place for `steps` optimizer steps (DP-SGD when a budget is given)."""
+    """Train `model` in place for `steps` optimizer steps (DP-SGD when a budget is given).
+
+    `schedule` applies train.warmup_steps and train.lr_decay over these `steps` (central runs; a federated
+    round is too short a span for a schedule of its own).
+    """
     tc = cfg.train
     if len(data) == 0:
         raise ValueError("no training records")
@@ -151,6 +164,9 @@ def train_local(
         loader = DataLoader(dataset, batch_size=min(tc.batch_size, len(data)), shuffle=True,
                             generator=torch.Generator().manual_seed(seed))
 
+    scheduler = None
+    if schedule and (tc.warmup_steps > 0 or tc.lr_decay != "none"):
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda n: lr_factor(n, steps, tc.warmup_steps, tc.lr_decay))
     totals = {"loss": 0.0, "eps": 0.0, "mel": 0.0}
     examples = 0
     empty_batches = 0
@@ -165,6 +181,8 @@ def train_local(
         optimizer.zero_grad(set_to_none=True)
         if x0.shape[0] == 0:
             private.empty_step()
+            if scheduler is not None:
+                scheduler.step()
             empty_batches += 1
             bar.update(1)
             continue
@@ -188,6 +206,8 @@ def train_local(
             if tc.grad_clip > 0:
                 nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
         optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
         if anchor is not None:
             # FedProx as a decoupled proximal step: data-independent, so it costs no privacy.
             with torch.no_grad():

@@ -24,6 +24,7 @@ from common.bundle import (
     WEIGHTS,
     build_generator,
     latest_checkpoint,
+    load_public_base,
     read_checkpoint,
     save_checkpoint,
     sha256_file,
@@ -97,8 +98,12 @@ def run_server(grid: Grid, context: Context, spec: RunSpec) -> Path:
             raise FileExistsError(f"{run_dir} already holds a run; use --resume or a new run directory")
         save_config(cfg, run_dir)
         run_key = secrets.token_hex(16)  # names this run in every site's ledger; kept by checkpoints for --resume
-        torch.manual_seed(cfg.train.seed)
-        state = {k: v.detach().cpu() for k, v in build_denoiser(cfg.model).state_dict().items()}
+        if fc.init_from:
+            state, base = load_public_base(fc.init_from, cfg)
+            (run_dir / "base_model.json").write_text(json.dumps(base, indent=2))
+        else:
+            torch.manual_seed(cfg.train.seed)
+            state = {k: v.detach().cpu() for k, v in build_denoiser(cfg.model).state_dict().items()}
 
     arrays = ArrayRecord(state)
     last_round = fc.rounds if not spec.until_round else min(fc.rounds, spec.until_round)
@@ -139,8 +144,10 @@ def run_server(grid: Grid, context: Context, spec: RunSpec) -> Path:
         _site_memorization(grid, arrays, run_dir)
     if cfg.privacy.enabled:
         weights = latest_checkpoint(run_dir) / WEIGHTS
+        base_file = run_dir / "base_model.json"
+        base = json.loads(base_file.read_text()) if base_file.is_file() else None
         write_certificate(run_dir / "privacy.json",
-                          build_certificate(cfg, ledger.budgets(), "federated", sha256_file(weights)))
+                          build_certificate(cfg, ledger.budgets(), "federated", sha256_file(weights), base_model=base))
     _plot_rounds(run_dir)
     (run_dir / "epsilon_table.txt").write_text(ledger.table() + "\n")
     print(f"\nrun directory: {run_dir}\n{ledger.table()}", flush=True)

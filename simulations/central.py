@@ -1,8 +1,18 @@
-"""The central baseline: one model on all training folds, through the same common.train loop as the sites."""
+"""Central training through the same common.train loop as the sites.
+
+    run_central(cfg, run_dir)                    # the baseline: every training fold, DP if configured
+    run_central(cfg, run_dir, pool="public")     # `fedecg pretrain`: the public pool, never DP
+
+The public pool is the training-fold records of the PTB-XL sites in `partition.public_sites`: the
+partition keeps them patient-disjoint from every federated site. A pretraining run writes `base.json`
+(what it was trained on, its weights' hash) for `federation.init_from` and the certificate.
+"""
 
 from __future__ import annotations
 
 import csv
+import dataclasses
+import json
 import logging
 import time
 from pathlib import Path
@@ -11,8 +21,8 @@ import numpy as np
 import torch
 
 from common.bundle import WEIGHTS, save_checkpoint, sha256_file
-from common.config import Config, save as save_config
-from common.data.partition import training_ids
+from common.config import Config, config_hash, save as save_config, to_dict
+from common.data.partition import make_partition, training_ids
 from common.data.ptbxl import load_dataset, load_metadata
 from common.diffusion import GaussianDiffusion
 from common.generate import generate, grid_conditions
@@ -26,13 +36,25 @@ from common.train import EMA, TrainingData, train_local
 log = logging.getLogger("fedecg.central")
 
 
-def run_central(cfg: Config, run_dir: Path, progress: bool = True) -> Path:
+BASE_FORMAT = "fedecg-public-base/1"
+
+
+def run_central(cfg: Config, run_dir: Path, progress: bool = True, pool: str = "training") -> Path:
     if (run_dir / "checkpoints" / "latest").exists():
         raise FileExistsError(f"{run_dir} already holds a run; choose a new --out")
+    meta = load_metadata(cfg.data)
+    if pool == "public":
+        ids = list(make_partition(meta, cfg.partition).public_ids)
+        if not ids:
+            raise ValueError("pretraining needs a public pool: set partition.public_sites (site scheme) to PTB-XL "
+                             "sites that are not in the federation")
+        cfg = dataclasses.replace(cfg, privacy=dataclasses.replace(cfg.privacy, enabled=False))  # public data
+    elif pool == "training":
+        ids = training_ids(meta, cfg.partition)
+    else:
+        raise ValueError(f"pool must be 'training' or 'public', got {pool!r}")
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir)
-    meta = load_metadata(cfg.data)
-    ids = training_ids(meta, cfg.partition)
     dataset = load_dataset(cfg.data, ecg_ids=ids, progress=progress)
     if cfg.privacy.enabled and cfg.privacy.unit == "patient":
         from common.data.partition import one_record_per_patient
@@ -72,8 +94,8 @@ def run_central(cfg: Config, run_dir: Path, progress: bool = True) -> Path:
         start = time.perf_counter()
         result = train_local(
             model, GaussianDiffusion(cfg.diffusion), data, cfg, steps,
-            budget=budget, randomness=randomness, ema=ema,
-            progress=progress, description="central", on_log=on_log,
+            budget=budget, randomness=randomness, ema=ema, schedule=True,
+            progress=progress, description="pretrain" if pool == "public" else "central", on_log=on_log,
         )
     ema.copy_to(model)  # an average of DP iterates is post-processing: it costs no privacy
     directory = save_checkpoint(
@@ -87,6 +109,8 @@ def run_central(cfg: Config, run_dir: Path, progress: bool = True) -> Path:
     if budget is not None:
         write_certificate(run_dir / "privacy.json",
                           build_certificate(cfg, [budget], "central", sha256_file(directory / WEIGHTS)))
+    if pool == "public":
+        _write_base(run_dir, cfg, dataset, directory, result.steps)
     if rows:
         plot_curves(rows, "step", ["loss", "eps_loss", "mel_loss"], run_dir / "curves.png", "central training")
 
@@ -101,3 +125,20 @@ def run_central(cfg: Config, run_dir: Path, progress: bool = True) -> Path:
         f"(final loss {result.loss:.4f}, mel {result.mel_loss:.4f})\nrun directory: {run_dir}"
     )
     return run_dir
+
+
+def _write_base(run_dir: Path, cfg: Config, dataset, checkpoint: Path, steps: int) -> None:
+    """Provenance of a public base model, for `federation.init_from`, the certificate and the model card."""
+    base = {
+        "format": BASE_FORMAT,
+        "trained_on": f"PTB-XL sites {list(cfg.partition.public_sites)}, training folds {list(cfg.partition.train_folds)}, "
+                      f"declared public; without DP",
+        "records": len(dataset),
+        "patients": int(len(np.unique(dataset.patient_ids))),
+        "steps": steps,
+        "weights_sha256": sha256_file(checkpoint / WEIGHTS),
+        "config_sha256": config_hash(cfg),
+        "partition": to_dict(cfg)["partition"],
+        "model": to_dict(cfg)["model"],
+    }
+    (run_dir / "base.json").write_text(json.dumps(base, indent=2))

@@ -24,8 +24,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from simulations.central import run_central
 
     cfg = load(args.config, args.overrides)
-    out = Path(args.out) if args.out else Path(cfg.output.dir) / f"{cfg.output.name}-central-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_central(cfg, out, progress=not args.quiet)
+    kind = "pretrain" if args.command == "pretrain" else "central"
+    out = Path(args.out) if args.out else Path(cfg.output.dir) / f"{cfg.output.name}-{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_central(cfg, out, progress=not args.quiet, pool="public" if kind == "pretrain" else "training")
     return 0
 
 
@@ -152,6 +153,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train one model centrally on all training folds (the baseline)")
     _add_config_args(p)
     p.add_argument("--out", help="run directory (default: output.dir/output.name-central-TIMESTAMP)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("pretrain", help="train a base model without DP on the public pool (partition.public_sites)")
+    _add_config_args(p)
+    p.add_argument("--out", help="run directory (default: output.dir/output.name-pretrain-TIMESTAMP)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_train)
 

@@ -40,6 +40,11 @@ def model_card(run_dir: Path, cfg, progress: dict, certificate: dict | None, eva
                 f"| {s['site']} | {s['num_records']} | {s['epsilon']:.3f} | {s['epsilon_add_remove']:.3f} | "
                 f"{s['target_epsilon']:.2f} | {s['noise_multiplier']:.3f} | {s['sample_rate']:.5f} | {s['steps']} |"
             )
+    base = (certificate or {}).get("base_model")
+    if base:
+        lines += ["", f"Public base model: pretrained centrally without DP on {base['records']} records of "
+                      f"{base['patients']} patients ({base['trained_on']}), {base['steps']} steps, weights sha256 "
+                      f"`{base['weights_sha256']}`. The federation started from it; DP covers only the sites' records."]
     lines += [
         "",
         "## Training",

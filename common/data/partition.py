@@ -65,6 +65,7 @@ class Partition:
     test_ids: tuple[int, ...]  # test_folds; no site ever holds one of these
     config: dict[str, Any] = field(default_factory=dict)  # the PartitionConfig it was made with
     left_out: dict[str, int] = field(default_factory=dict)  # training records not in any site, by reason
+    public_ids: tuple[int, ...] = ()  # training-fold records of sites declared public (public_sites): no DP
 
     @property
     def site_names(self) -> list[str]:
@@ -116,7 +117,7 @@ class Partition:
             "format": PARTITION_FORMAT, "version": PARTITION_VERSION, "scheme": self.scheme, "seed": self.seed,
             "config": self.config, "left_out": self.left_out,
             "sites": [{"name": s.name, "train_ids": list(s.train_ids), "val_ids": list(s.val_ids)} for s in self.sites],
-            "val_ids": list(self.val_ids), "test_ids": list(self.test_ids),
+            "val_ids": list(self.val_ids), "test_ids": list(self.test_ids), "public_ids": list(self.public_ids),
         }
         text = json.dumps(data, indent=1)
         # One line per id list instead of one line per id.
@@ -144,7 +145,8 @@ class Partition:
                                    ids(s["val_ids"], f"{s['name']}.val_ids")) for s in data["sites"]]
             partition = cls(scheme=str(data["scheme"]), seed=int(data["seed"]), sites=sites,
                             val_ids=ids(data["val_ids"], "val_ids"), test_ids=ids(data["test_ids"], "test_ids"),
-                            config=dict(data.get("config", {})), left_out=dict(data.get("left_out", {})))
+                            config=dict(data.get("config", {})), left_out=dict(data.get("left_out", {})),
+                            public_ids=ids(data.get("public_ids", []), "public_ids"))
         except (KeyError, TypeError) as err:
             raise PartitionError(f"partition JSON: missing or malformed entry {err}") from err
         _check_disjoint_ids(partition)
@@ -170,6 +172,8 @@ def _check_config(cfg: PartitionConfig) -> None:
         raise PartitionError("partition.train_folds is empty: sites would have nothing to train on")
     if not 0.0 <= cfg.local_val_fraction < 1.0:
         raise PartitionError(f"partition.local_val_fraction={cfg.local_val_fraction}: must be in [0, 1)")
+    if cfg.public_sites and cfg.scheme != "site":
+        raise PartitionError(f"partition.public_sites={list(cfg.public_sites)}: only the site scheme has sites to declare public")
     if cfg.scheme == "dirichlet" and not cfg.alpha > 0:
         raise PartitionError(f"partition.alpha={cfg.alpha}: the Dirichlet concentration must be positive")
     if cfg.scheme == "age":
@@ -214,10 +218,13 @@ def _rng(cfg: PartitionConfig, purpose: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([cfg.seed, _SCHEME_STREAM[cfg.scheme], purpose]))
 
 
+_PUBLIC = -2  # assignment of patients whose first record is at a site declared public
+
+
 def _by_site_value(first: pd.DataFrame, train: pd.DataFrame, cfg: PartitionConfig) -> tuple[pd.Series, list[str], dict[str, int]]:
     value = first["site"].fillna(-1).astype(np.int64)
     records_per_patient = train.groupby("patient_id").size()
-    per_site = records_per_patient.groupby(value).sum().drop(index=-1, errors="ignore")
+    per_site = records_per_patient.groupby(value).sum().drop(index=[-1, *cfg.public_sites], errors="ignore")
     ranked = sorted(per_site.index, key=lambda v: (-per_site[v], v))
     if len(ranked) < cfg.num_sites:
         raise PartitionError(
@@ -231,7 +238,8 @@ def _by_site_value(first: pd.DataFrame, train: pd.DataFrame, cfg: PartitionConfi
     if cfg.rest == "merge":
         rest = len(chosen)
         names.append("site-rest")
-    assignment = value.map(lambda v: index_of.get(v, rest)).astype(np.int64)
+    public = set(cfg.public_sites)
+    assignment = value.map(lambda v: _PUBLIC if v in public else index_of.get(v, rest)).astype(np.int64)
     left_out = {}
     if cfg.rest == "drop":
         left_out["outside the largest sites"] = int(records_per_patient[assignment == -1].sum())
@@ -376,6 +384,7 @@ def make_partition(meta: pd.DataFrame, cfg: PartitionConfig) -> Partition:
         ))
     partition = Partition(
         scheme=cfg.scheme, seed=cfg.seed, sites=sites,
+        public_ids=tuple(int(i) for i in train.index[record_site == _PUBLIC]),
         val_ids=tuple(int(i) for i in records.index[group == "val"]),
         test_ids=tuple(int(i) for i in records.index[group == "test"]),
         config={k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()},
@@ -388,7 +397,7 @@ def make_partition(meta: pd.DataFrame, cfg: PartitionConfig) -> Partition:
 def _check_disjoint_ids(partition: Partition) -> None:
     seen: dict[int, str] = {}
     holders = [(f"{s.name}", s.train_ids + s.val_ids) for s in partition.sites]
-    holders += [("validation", partition.val_ids), ("test", partition.test_ids)]
+    holders += [("validation", partition.val_ids), ("test", partition.test_ids), ("public", partition.public_ids)]
     for name, ids in holders:
         for i in ids:
             if i in seen:
@@ -401,7 +410,7 @@ def _check_patient_disjoint(partition: Partition, patient_of: pd.Series) -> None
     _check_disjoint_ids(partition)
     owner: dict[int, str] = {}
     holders = [(s.name, s.train_ids + s.val_ids) for s in partition.sites]
-    holders += [("validation", partition.val_ids), ("test", partition.test_ids)]
+    holders += [("validation", partition.val_ids), ("test", partition.test_ids), ("public", partition.public_ids)]
     for name, ids in holders:
         for patient in set(patient_of.loc[list(ids)].tolist()):
             if owner.setdefault(patient, name) != name:

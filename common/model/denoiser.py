@@ -243,8 +243,12 @@ class Denoiser(nn.Module):
         return self.output_proj(out)  # (B C_in L)
 
 
-def build_denoiser(cfg: ModelConfig, in_channels: int = 8, num_labels: int = 71, demo_dim: int = 8) -> Denoiser:
+def build_denoiser(cfg: ModelConfig, in_channels: int = 8, num_labels: int = 71, demo_dim: int = 8) -> nn.Module:
     """The denoiser described by the `model` config section (preset plus overrides)."""
+    if cfg.size == "unet":
+        from common.model.unet import build_unet  # unet.py builds on this module
+
+        return build_unet(cfg, in_channels=in_channels, num_labels=num_labels, demo_dim=demo_dim)
     return Denoiser(
         resolve_spec(cfg),
         in_channels=in_channels,

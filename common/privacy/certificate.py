@@ -104,6 +104,11 @@ def build_certificate(cfg: Config, budgets: list[SiteBudget], kind: str, weights
             " Record-level DP is not patient-level DP: a patient with k records is protected at group level k; "
             "use privacy.unit: patient for one record per patient."
         )
+    if base_model:
+        statement += (
+            f" Training started from a public base model ({base_model['trained_on']}, weights sha256 "
+            f"{base_model['weights_sha256'][:16]}...): DP covers only the sites' records, not that public data."
+        )
     return {
         "format": CERTIFICATE_FORMAT,
         "kind": kind,
@@ -197,6 +202,8 @@ def verify_certificate(certificate: dict[str, Any]) -> list[str]:
         problems.append(f"neighbouring relation {certificate.get('neighbouring_relation')!r} is not {HEADLINE_RELATION}")
     if not cfg.privacy.enabled:
         problems.append("the embedded config has privacy disabled")
+    if bool(certificate.get("base_model")) != bool(kind == "federated" and cfg.federation.init_from):
+        problems.append("the certificate's base_model does not match federation.init_from in the config")
     delta = float(certificate["delta"])
     if delta != cfg.privacy.delta:
         problems.append(f"delta {delta} is not the configured {cfg.privacy.delta}")

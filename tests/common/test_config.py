@@ -10,7 +10,7 @@ from common.config import Config, ConfigError, RunSpec, config_hash, from_dict, 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("name", ["quickstart.yaml", "central_quick.yaml", "ptbxl_sites.yaml"])
+@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
 def test_shipped_configs_load(name):
     cfg = load(ROOT / "configs" / name)
     assert isinstance(cfg, Config)

@@ -362,3 +362,16 @@ def test_local_split_fallbacks_are_stable():
     assert _local_split(small[::-1], 1e-9, 0) == (train, val)
     spare = sorted(train)[0]
     assert _local_split(small[small != spare], 1e-9, 0)[1] == val
+
+
+def test_public_sites_form_a_patient_disjoint_pretraining_pool(tiny_ptbxl):
+    meta = read_metadata(tiny_ptbxl.root)
+    cfg = PartitionConfig(scheme="site", num_sites=2, public_sites=(0,), local_val_fraction=0.0)
+    partition = make_partition(meta, cfg)
+    assert partition.public_ids and "site-0" not in partition.site_names
+    public_patients = set(meta.loc[list(partition.public_ids), "patient_id"])
+    for site in partition.sites:
+        assert not public_patients & set(meta.loc[list(site.ids), "patient_id"])
+    assert Partition.from_json(partition.to_json()).public_ids == partition.public_ids
+    with pytest.raises(PartitionError, match="only the site scheme"):
+        make_partition(meta, PartitionConfig(scheme="iid", public_sites=(0,)))

@@ -130,3 +130,12 @@ def test_empty_poisson_batches_still_step_and_count(mode):
     assert result.steps == 8
     assert result.empty_batches > 0
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_learning_rate_warms_up_and_decays_to_zero():
+    from common.train import lr_factor
+
+    assert [lr_factor(n, 100, 4, "none") for n in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
+    assert lr_factor(0, 100, 0, "cosine") == 1.0
+    assert lr_factor(50, 100, 0, "cosine") == pytest.approx(0.5)
+    assert lr_factor(100, 100, 0, "cosine") == pytest.approx(0.0, abs=1e-12)
