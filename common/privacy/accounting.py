@@ -143,9 +143,6 @@ class SiteBudget:
         """Spent so far on these records, over the site's lifetime."""
         return epsilon_of(self.history(), self.delta, relation)
 
-    def run_epsilon(self, relation: str = HEADLINE_RELATION) -> float:
-        return epsilon_of([(self.noise_multiplier, self.sample_rate, self.steps)], self.delta, relation)
-
     def certified_epsilon(self, relation: str = HEADLINE_RELATION) -> float:
         """What the release may claim: the prior spend plus the whole plan, however many steps were taken."""
         planned = max(self.planned_steps, self.steps)

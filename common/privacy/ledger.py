@@ -111,9 +111,6 @@ class SiteLedger:
             [(r["noise_multiplier"], r["sample_rate"], r["steps"]) for key, r in runs.items() if key != exclude_run]
         )
 
-    def epsilon(self, delta: float) -> float:
-        return epsilon_of(self.history(), delta)
-
     def budget(self, run_key: str, make_plan: Callable[[], SiteBudget]) -> SiteBudget:
         """This run's budget: resumed from the ledger, or a new plan if the lifetime budget can afford it."""
         state = self._read()

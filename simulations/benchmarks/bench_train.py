@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+
+from simulations.benchmarks.isolated import run_isolated
 
 
 def _site_data(cfg, site_index: int, records: int | None):
@@ -150,17 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for variant in args.variants.split(","):
         command = [sys.executable, "-m", "simulations.benchmarks.bench_train", "--variant", variant, *_forward(args)]
-        done = subprocess.run(command, capture_output=True, text=True)
-        lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-        if done.returncode != 0 or not lines:
-            error = (done.stderr.strip().splitlines() or ["no output"])[-1]
-            results.append({"variant": variant, "error": error})
-        else:
-            results.append(json.loads(lines[-1]))
-        print(json.dumps(results[-1]), flush=True)
-        if args.json:
-            with open(args.json, "a") as handle:
-                handle.write(json.dumps(results[-1]) + "\n")
+        results.append(run_isolated(command, {"variant": variant}, args.json))
     base = next((r for r in results if r["variant"] == "nondp" and "error" not in r), None)
     print(f"\n{'variant':>10} {'samples/s':>10} {'s/step':>8} {'peak GiB':>9} {'x non-DP':>9}")
     for r in results:

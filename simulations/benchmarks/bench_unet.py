@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from dataclasses import replace
+
+from simulations.benchmarks.isolated import run_isolated
 
 LENGTH = 1000
 RECORDS_PER_BATCH = 10  # N = 10 batches: DP's Poisson rate q = 0.1 draws ~batch examples per step
@@ -155,17 +156,7 @@ def main(argv: list[str] | None = None) -> int:
                 "--threads", str(args.threads), "--batch", str(args.batch),
                 "--steps", str(args.steps), "--repeats", str(args.repeats), "--warmup", str(args.warmup),
             ]  # fmt: skip
-            done = subprocess.run(command, capture_output=True, text=True)
-            lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-            if done.returncode != 0 or not lines:
-                error = (done.stderr.strip().splitlines() or ["no output"])[-1]
-                results.append({"model": model, "mode": mode, "error": error})
-            else:
-                results.append(json.loads(lines[-1]))
-            print(json.dumps(results[-1]), flush=True)
-            if args.json:
-                with open(args.json, "a") as handle:
-                    handle.write(json.dumps(results[-1]) + "\n")
+            results.append(run_isolated(command, {"model": model, "mode": mode}, args.json))
     _table(results)
     return 0
 

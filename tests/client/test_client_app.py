@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from client.client_app import handle_memorization, handle_train
 from client.site import _SITE_CACHE

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from opacus import GradSampleModule
 from torch import nn
 
 from common.config import ModelConfig
