@@ -127,9 +127,12 @@ def train_round(
     data = TrainingData.from_dataset(site.train, federated_normalizer())
     diffusion = GaussianDiffusion(cfg.diffusion)
     description = f"site {site.name} round {server_round}"
+    fc = cfg.federation
+    tuning = {"proximal_mu": proximal_mu, "lr": fc.local_lr, "trainable": fc.trainable, "progress": progress,
+              "description": description}
     if not cfg.privacy.enabled:
-        result = train_local(model, diffusion, data, cfg, steps=cfg.federation.local_steps, proximal_mu=proximal_mu,
-                             seed=public_seed(cfg, site.name, server_round), progress=progress, description=description)
+        result = train_local(model, diffusion, data, cfg, steps=fc.local_steps,
+                             seed=public_seed(cfg, site.name, server_round), **tuning)
         _log_round(ledger, server_round, result)
         metrics = {**_plan_metrics(site, result.steps), "loss": result.loss, "eps-loss": result.eps_loss,
                    "mel-loss": result.mel_loss, "train-seconds": result.seconds}
@@ -141,8 +144,7 @@ def train_round(
         randomness = ledger.next_randomness()
         if steps == 0:
             return None, _budget_metrics(site, budget, 0), budget
-        result = train_local(model, diffusion, data, cfg, steps=steps, budget=budget, randomness=randomness,
-                             proximal_mu=proximal_mu, progress=progress, description=description)
+        result = train_local(model, diffusion, data, cfg, steps=steps, budget=budget, randomness=randomness, **tuning)
     _log_round(ledger, server_round, result)
     return _plain(model), _budget_metrics(site, budget, steps), budget
 

@@ -158,8 +158,9 @@ def load_public_base(path: str | Path, cfg: Config) -> tuple[dict[str, torch.Ten
     if sha256_file(checkpoint / WEIGHTS) != base["weights_sha256"]:
         raise BundleError(f"federation.init_from={path}: the weights are not the ones base.json describes")
     plain = to_dict(cfg)
-    if base["model"] != plain["model"]:
-        raise BundleError(f"federation.init_from={path}: the base's model section differs from this config's")
+    for section in ("model", "diffusion"):  # the same network, trained for the same noise process
+        if base.get(section) != plain[section]:
+            raise BundleError(f"federation.init_from={path}: the base's {section} section differs from this config's")
     if base["partition"] != plain["partition"]:
         raise BundleError(
             f"federation.init_from={path}: the base was pretrained under another partition section; its public pool "

@@ -70,6 +70,8 @@ class DiffusionConfig:
     sample_steps: int = 50
     eta: float = 0.0
     guidance_scale: float = 1.0
+    prediction: str = "eps"  # eps | v: what the denoiser outputs (v = sqrt(abar) eps - sqrt(1 - abar) x0)
+    min_snr_gamma: float = 0.0  # > 0: weight each step's loss as min(SNR, gamma) on x0 (Hang et al. 2023)
 
 
 @dataclass(frozen=True)
@@ -131,6 +133,8 @@ class FederationConfig:
     evaluate_every: int = 0  # fidelity of the global model on a small batch every K rounds (0: never)
     num_cpus_per_site: float = 1.0
     init_from: str | None = None  # a `fedecg pretrain` run: the public base model the federation starts from
+    local_lr: float | None = None  # the sites' learning rate (None: train.lr); fine-tuning a base wants less
+    trainable: tuple[str, ...] = ()  # parameter-name prefixes the sites train, the rest frozen (empty: all)
     site_state_dir: str = ".fedecg/sites"  # each site's ledger, secret key and local logs (node_config state-dir wins)
 
 
@@ -179,6 +183,7 @@ _CHOICES = {
     ("model", "size"): {"tiny", "small", "sssd", "unet"},
     ("diffusion", "schedule"): {"linear", "cosine"},
     ("diffusion", "sampler"): {"ddim", "ddpm"},
+    ("diffusion", "prediction"): {"eps", "v"},
     ("midt", "target"): {"posterior_mean", "x0"},
     ("train", "device"): {"auto", "cpu", "cuda"},
     ("train", "lr_decay"): {"none", "cosine"},

@@ -1,9 +1,15 @@
-"""Gaussian diffusion for eps-prediction models: schedule, q_sample, per-sample losses, DDPM/DDIM sampling.
+"""Gaussian diffusion: schedule, q_sample, per-sample losses, DDPM/DDIM sampling.
 
 A plain class (not an nn.Module), as in openai/improved-diffusion: the model is passed in, so a DP engine
 can wrap the denoiser alone. The model is any callable
 
-    model(x_t [B, C, L], t [B] int64, labels [B, 71], demographics [B, 8], cond_keep [B] or None) -> eps_hat
+    model(x_t [B, C, L], t [B] int64, labels [B, 71], demographics [B, 8], cond_keep [B] or None) -> output
+
+whose output is eps (diffusion.prediction = "eps") or v = sqrt(abar) eps - sqrt(1 - abar) x0 ("v",
+Salimans & Ho 2022). v keeps x0_hat bounded at every t, which eps does not where abar is near 0 (the cosine
+schedule's last steps): x0_hat error = sqrt(1/abar - 1) * eps error. With min_snr_gamma > 0 each example's
+denoising loss is weighted so that it equals min(SNR_t, gamma) * |x0_hat - x0|^2 (Hang et al. 2023), which
+stops the many easy high-SNR steps from dominating the gradient.
 
 Training (`training_losses`) returns per-example losses [B] (eps MSE + mel_weight * MIDT mel loss), because
 DP-SGD clips per example and ghost clipping needs the [B] vector. With noise multiplicity K each example's
@@ -39,6 +45,7 @@ __all__ = ["EpsModel", "GaussianDiffusion", "beta_schedule"]
 
 MEL_TARGETS = ("posterior_mean", "x0")
 SAMPLERS = ("ddim", "ddpm")
+PREDICTIONS = ("eps", "v")
 
 
 class EpsModel(Protocol):
@@ -86,6 +93,10 @@ class GaussianDiffusion:
     """The forward process q(x_t | x0) and the reverse-time samplers for an eps-prediction model."""
 
     def __init__(self, cfg: DiffusionConfig) -> None:
+        if cfg.prediction not in PREDICTIONS:
+            raise ValueError(f"diffusion.prediction must be one of {PREDICTIONS}, got {cfg.prediction!r}")
+        if cfg.min_snr_gamma < 0:
+            raise ValueError(f"diffusion.min_snr_gamma must be >= 0 (0 = unweighted), got {cfg.min_snr_gamma}")
         self.cfg = cfg
         betas = beta_schedule(cfg.schedule, cfg.timesteps, cfg.beta_start, cfg.beta_end)
         self.num_timesteps = int(betas.shape[0])
@@ -147,6 +158,30 @@ class GaussianDiffusion:
         scale = self._extract("sqrt_recip_alphas_cumprod", t, x_t)
         return scale * x_t - self._extract("sqrt_recipm1_alphas_cumprod", t, x_t) * eps
 
+    def target(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+        """What the denoiser is trained to output: noise itself, or v."""
+        if self.cfg.prediction == "v":
+            return self._extract("sqrt_alphas_cumprod", t, x0) * noise - self._extract("sqrt_one_minus_alphas_cumprod", t, x0) * x0
+        return noise
+
+    def split_output(self, x_t: Tensor, t: Tensor, output: Tensor) -> tuple[Tensor, Tensor]:
+        """(x0_hat, eps_hat) from the denoiser's output at x_t."""
+        if self.cfg.prediction == "v":
+            signal = self._extract("sqrt_alphas_cumprod", t, x_t)
+            noise_level = self._extract("sqrt_one_minus_alphas_cumprod", t, x_t)
+            return signal * x_t - noise_level * output, noise_level * x_t + signal * output
+        return self.predict_x0(x_t, t, output), output
+
+    def loss_weight(self, t: Tensor) -> Tensor:
+        """Per-row weight [B] of the denoising MSE: 1, or the min-SNR-gamma weight in the output's units."""
+        gamma = self.cfg.min_snr_gamma
+        if gamma <= 0:
+            return torch.ones(t.shape, dtype=torch.float32, device=t.device)
+        abar = self._tables["alphas_cumprod"].to(t.device)[t]
+        snr = (abar / (1.0 - abar)).to(torch.float32)
+        # |x0 error|^2 = |eps error|^2 / SNR = |v error|^2 / (SNR + 1)
+        return torch.clamp(snr, max=gamma) / (snr + 1.0 if self.cfg.prediction == "v" else snr)
+
     def posterior_mean(self, x0: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
         """Mean of q(x_{t-1} | x_t, x0)."""
         return self._extract("posterior_mean_coef1", t, x_t) * x0 + self._extract("posterior_mean_coef2", t, x_t) * x_t
@@ -175,6 +210,8 @@ class GaussianDiffusion:
         cond_keep: Tensor | None = None,
     ) -> dict[str, Tensor]:
         """Per-example losses {loss, eps, mel}, each [B]; loss = eps + mel_weight * mel.
+
+        "eps" is the (weighted) denoising MSE of the model's output against its target (eps or v).
 
         t ([B, K] or [B] when K = 1), noise ([B, K, C, L] or [B, C, L]) and cond_keep (same layout as t)
         override the random draws, for tests and exact replays. Timesteps are uniform on [0, T).
@@ -226,14 +263,15 @@ class GaussianDiffusion:
             cond_keep = (_draw("rand", (rows,), generator, device) >= cond_dropout).to(x0.dtype)
 
         x_t = self.q_sample(x0, t, noise)
-        eps_hat = model(x_t, t, labels, demographics, cond_keep)
-        if eps_hat.shape != x0.shape:
-            raise ValueError(f"training_losses: the model returned {tuple(eps_hat.shape)}, expected {tuple(x0.shape)}")
-        eps_term = (eps_hat - noise).pow(2).mean(dim=(1, 2))  # (B*K); promotes a bf16 eps_hat to noise's float32
+        output = model(x_t, t, labels, demographics, cond_keep)
+        if output.shape != x0.shape:
+            raise ValueError(f"training_losses: the model returned {tuple(output.shape)}, expected {tuple(x0.shape)}")
+        # (B*K); promotes a bf16 output to the target's float32
+        eps_term = (output - self.target(x0, t, noise)).pow(2).mean(dim=(1, 2)) * self.loss_weight(t)
 
         if mel_loss is not None:
             with torch.set_grad_enabled(torch.is_grad_enabled() and mel_weight > 0):
-                x0_hat = self.predict_x0(x_t, t, eps_hat)
+                x0_hat, _ = self.split_output(x_t, t, output)
                 if mel_target == "posterior_mean":
                     mel_term = mel_loss(self.posterior_mean(x0_hat, x_t, t), self.posterior_mean(x0, x_t, t))
                 else:
@@ -259,7 +297,7 @@ class GaussianDiffusion:
         demographics: Tensor,
         guidance_scale: float = 1.0,
     ) -> Tensor:
-        """eps_u + s (eps_c - eps_u); one conditional pass when s = 1, else one pass on a doubled batch."""
+        """The guided output u + s (c - u) (eps or v); one conditional pass when s = 1, else one doubled batch."""
         if guidance_scale == 1.0:
             return model(x, t, labels, demographics, None)
         batch = x.shape[0]
@@ -337,8 +375,8 @@ class GaussianDiffusion:
             x = _draw("randn", (batch, channels, length), generator, device, dtype=dtype)
             for i, step in enumerate(tqdm(timesteps, desc=f"{sampler} sampling", disable=not progress, leave=False)):
                 t = torch.full((batch,), step, device=device, dtype=torch.long)
-                eps = self.model_eps(model, x, t, labels, demographics, guidance_scale)
-                x0_hat = self.predict_x0(x, t, eps)
+                output = self.model_eps(model, x, t, labels, demographics, guidance_scale)
+                x0_hat, eps = self.split_output(x, t, output)
                 last = i == len(timesteps) - 1
                 if sampler == "ddpm":
                     x = self.posterior_mean(x0_hat, x, t)

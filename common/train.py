@@ -104,6 +104,24 @@ def lr_factor(step: int, total: int, warmup: int, decay: str) -> float:
     return factor
 
 
+def select_trainable(model: nn.Module, prefixes: tuple[str, ...]) -> list[nn.Parameter]:
+    """Freeze every parameter whose name starts with none of `prefixes` (empty: train all); the trained ones.
+
+    Under DP only the trained parameters are clipped and noised: fewer noised coordinates per step.
+    """
+    names = [name for name, _ in model.named_parameters()]
+    unknown = [p for p in prefixes if not any(name.startswith(p) for name in names)]
+    if unknown:
+        roots = sorted({name.split(".")[0] for name in names})
+        raise ValueError(f"train.trainable: {unknown} match no parameter (top-level modules: {roots})")
+    trained = []
+    for name, param in model.named_parameters():
+        param.requires_grad_(not prefixes or any(name.startswith(p) for p in prefixes))
+        if param.requires_grad:
+            trained.append(param)
+    return trained
+
+
 def _batches(loader: DataLoader):
     while True:
         yield from loader
@@ -126,16 +144,23 @@ def train_local(
     randomness: DPRandomness | None = None,
     ema: EMA | None = None,
     proximal_mu: float = 0.0,
+    lr: float | None = None,
+    trainable: tuple[str, ...] = (),
     seed: int | None = None,
     schedule: bool = False,
     progress: bool = True,
     description: str = "train",
-    on_log: Callable[[dict[str, float]], None] | None = None,
+    on_log: Callable[[dict[str, float], torch.optim.Optimizer], None] | None = None,
+    start_step: int = 0,
+    optimizer_state: dict | None = None,
 ) -> TrainResult:
     """Train `model` in place for `steps` optimizer steps (DP-SGD when a budget is given).
 
     `schedule` applies train.warmup_steps and train.lr_decay over these `steps` (central runs; a federated
-    round is too short a span for a schedule of its own).
+    round is too short a span for a schedule of its own). `lr` overrides train.lr; `trainable` names the
+    parameter-name prefixes to train (empty: all), the rest stay frozen. `on_log(row, optimizer)` runs every
+    train.log_every steps. A resumed run passes `start_step` (steps already taken of `steps`) and the
+    optimizer's saved state; its batches and draws continue from a seed offset by `start_step`.
     """
     tc = cfg.train
     if len(data) == 0:
@@ -145,7 +170,11 @@ def train_local(
         # Private: every draw (t, eps, dropout, sampling, noise) comes from secret randomness, never the config.
         randomness = randomness or DPRandomness.from_os_entropy()
         seed = randomness.training
-    seed = tc.seed if seed is None else seed
+    if start_step and budget is not None:
+        raise ValueError("a DP run resumes per federated round, not inside train_local")
+    if not 0 <= start_step < steps:
+        raise ValueError(f"start_step={start_step} must lie in [0, {steps})")
+    seed = (tc.seed if seed is None else seed) + start_step
     torch.manual_seed(seed)
     model.to(device)
     model.train()
@@ -153,7 +182,13 @@ def train_local(
 
     mel_loss = MelSpectrogramLoss(cfg.midt).to(device) if cfg.midt.enabled and cfg.midt.weight > 0 else None
     dataset = TensorDataset(data.signals, data.labels, data.demographics)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    lr = tc.lr if lr is None else lr
+    optimizer = torch.optim.AdamW(select_trainable(model, trainable), lr=lr, weight_decay=tc.weight_decay)
+    if optimizer_state is not None:
+        optimizer.load_state_dict(optimizer_state)
+        for group in optimizer.param_groups:  # the schedule below restarts from the configured base rate
+            group["lr"] = lr
+            group.pop("initial_lr", None)
     private = None
     if budget is not None:
         private = make_private(model, optimizer, dataset, tc.batch_size, budget, cfg.privacy,
@@ -166,16 +201,16 @@ def train_local(
 
     scheduler = None
     if schedule and (tc.warmup_steps > 0 or tc.lr_decay != "none"):
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda n: lr_factor(n, steps, tc.warmup_steps, tc.lr_decay))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda n: lr_factor(n + start_step, steps, tc.warmup_steps, tc.lr_decay))
     totals = {"loss": 0.0, "eps": 0.0, "mel": 0.0}
     examples = 0
     empty_batches = 0
     log: list[dict[str, float]] = []
     window = {"loss": 0.0, "eps": 0.0, "mel": 0.0, "n": 0}
     start = time.perf_counter()
-    bar = tqdm(total=steps, desc=description, disable=not progress, leave=False, dynamic_ncols=True)
+    bar = tqdm(total=steps, initial=start_step, desc=description, disable=not progress, leave=False, dynamic_ncols=True)
     batches = _batches(loader)
-    for step in range(1, steps + 1):
+    for step in range(start_step + 1, steps + 1):
         x0, labels, demographics = (t.to(device, non_blocking=True) for t in next(batches))
         examples += int(x0.shape[0])
         optimizer.zero_grad(set_to_none=True)
@@ -204,7 +239,7 @@ def train_local(
         else:
             per_sample.mean().backward()
             if tc.grad_clip > 0:
-                nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+                nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], tc.grad_clip)
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
@@ -212,7 +247,7 @@ def train_local(
             # FedProx as a decoupled proximal step: data-independent, so it costs no privacy.
             with torch.no_grad():
                 for name, p in model.named_parameters():
-                    p.sub_(tc.lr * proximal_mu * (p - anchor[name]))
+                    p.sub_(lr * proximal_mu * (p - anchor[name]))
         if ema is not None:
             ema.update(model)
 
@@ -237,12 +272,12 @@ def train_local(
             }
             log.append(row)
             if on_log is not None:
-                on_log(row)
+                on_log(row, optimizer)
             window = {"loss": 0.0, "eps": 0.0, "mel": 0.0, "n": 0}
     bar.close()
     if private is not None:
         private.close(steps)
-    taken = max(1, steps - empty_batches)
+    taken = max(1, steps - start_step - empty_batches)
     return TrainResult(
         steps=steps,
         examples=examples,

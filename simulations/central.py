@@ -14,13 +14,15 @@ import csv
 import dataclasses
 import json
 import logging
+import os
+import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from common.bundle import WEIGHTS, save_checkpoint, sha256_file
+from common.bundle import WEIGHTS, load_weights, save_checkpoint, save_weights, sha256_file
 from common.config import Config, config_hash, save as save_config, to_dict
 from common.data.partition import make_partition, training_ids
 from common.data.ptbxl import load_dataset, load_metadata
@@ -37,11 +39,71 @@ log = logging.getLogger("fedecg.central")
 
 
 BASE_FORMAT = "fedecg-public-base/1"
+RESUME = "resume"  # the latest training state of an unfinished run: raw and EMA weights, optimizer moments
+METRICS = ["step", "loss", "eps_loss", "mel_loss", "seconds"]
 
 
-def run_central(cfg: Config, run_dir: Path, progress: bool = True, pool: str = "training") -> Path:
+@dataclasses.dataclass
+class ResumeState:
+    step: int
+    weights: dict[str, torch.Tensor]
+    ema: dict[str, torch.Tensor]
+    ema_updates: int
+    optimizer: dict
+
+
+def write_resume_state(run_dir: Path, step: int, model, ema: EMA, optimizer: torch.optim.Optimizer) -> None:
+    """Swap in a complete new state directory, so a kill at any moment leaves one intact state behind."""
+    fresh, current, stale = run_dir / f"{RESUME}.new", run_dir / RESUME, run_dir / f"{RESUME}.old"
+    shutil.rmtree(fresh, ignore_errors=True)
+    fresh.mkdir()
+    state = optimizer.state_dict()
+    save_weights(fresh / "model.safetensors", model.state_dict())
+    save_weights(fresh / "ema.safetensors", ema.shadow)
+    save_weights(fresh / "optimizer.safetensors",
+                 {f"{index}/{name}": value for index, moments in state["state"].items() for name, value in moments.items()})
+    (fresh / "state.json").write_text(json.dumps({"step": step, "ema_updates": ema.updates,
+                                                  "param_groups": state["param_groups"]}))
+    if current.exists():
+        os.replace(current, stale)
+    os.replace(fresh, current)
+    shutil.rmtree(stale, ignore_errors=True)
+
+
+def read_resume_state(run_dir: Path) -> ResumeState | None:
+    for directory in (run_dir / RESUME, run_dir / f"{RESUME}.old"):  # .old: killed between the two renames
+        if (directory / "state.json").is_file():
+            meta = json.loads((directory / "state.json").read_text())
+            moments: dict[int, dict[str, torch.Tensor]] = {}
+            for key, value in load_weights(directory / "optimizer.safetensors").items():
+                index, name = key.split("/")
+                moments.setdefault(int(index), {})[name] = value
+            return ResumeState(
+                step=int(meta["step"]),
+                weights=load_weights(directory / "model.safetensors"),
+                ema=load_weights(directory / "ema.safetensors"),
+                ema_updates=int(meta["ema_updates"]),
+                optimizer={"state": moments, "param_groups": meta["param_groups"]},
+            )
+    return None
+
+
+def _read_metrics(path: Path, up_to_step: int) -> list[dict[str, float]]:
+    if not path.is_file():
+        return []
+    with path.open(newline="") as handle:
+        rows = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(handle)]
+    return [row for row in rows if row["step"] <= up_to_step]
+
+
+def run_central(cfg: Config, run_dir: Path, progress: bool = True, pool: str = "training", resume: bool = False) -> Path:
     if (run_dir / "checkpoints" / "latest").exists():
-        raise FileExistsError(f"{run_dir} already holds a run; choose a new --out")
+        raise FileExistsError(f"{run_dir} already holds a finished run; choose a new --out")
+    resumed = read_resume_state(run_dir) if resume else None
+    if resume and resumed is None:
+        raise FileNotFoundError(f"--resume {run_dir}: no resume state there (it is written every train.log_every steps)")
+    if not resume and (run_dir / RESUME).exists():
+        raise FileExistsError(f"{run_dir} holds an unfinished run; continue it with --resume {run_dir}")
     meta = load_metadata(cfg.data)
     if pool == "public":
         ids = list(make_partition(meta, cfg.partition).public_ids)
@@ -70,6 +132,17 @@ def run_central(cfg: Config, run_dir: Path, progress: bool = True, pool: str = "
 
     budget = randomness = None
     steps = cfg.train.steps
+    start_step, optimizer_state = 0, None
+    if resumed is not None:
+        if cfg.privacy.enabled:
+            raise ValueError("resuming a DP central run is not supported: start it again with a fresh --out")
+        start_step, optimizer_state = resumed.step, resumed.optimizer
+        model.load_state_dict(resumed.weights)
+        ema.shadow, ema.updates = resumed.ema, resumed.ema_updates
+        print(f"resuming at step {start_step} of {steps}")
+    if cfg.train.sample_every % max(1, cfg.train.log_every):
+        raise ValueError(f"train.sample_every ({cfg.train.sample_every}) must be a multiple of train.log_every "
+                         f"({cfg.train.log_every})")
     if cfg.privacy.enabled:
         ledger = SiteLedger.open(cfg.federation.site_state_dir, "central", dataset.ecg_ids)
         run_key = f"central:{run_dir.resolve()}"
@@ -81,21 +154,30 @@ def run_central(cfg: Config, run_dir: Path, progress: bool = True, pool: str = "
         print(f"DP-SGD: sigma={budget.noise_multiplier:.4f}, q={budget.sample_rate:.5f}, C={budget.max_grad_norm}, "
               f"ledger {ledger.directory}")
 
-    rows: list[dict[str, float]] = []
+    rows = _read_metrics(run_dir / "metrics.csv", up_to_step=start_step) if resumed is not None else []
+    elapsed = rows[-1]["seconds"] if rows else 0.0
     with (run_dir / "metrics.csv").open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["step", "loss", "eps_loss", "mel_loss", "seconds"])
+        writer = csv.DictWriter(handle, fieldnames=METRICS)
         writer.writeheader()
+        writer.writerows(rows)
 
-        def on_log(row: dict[str, float]) -> None:
+        def on_log(row: dict[str, float], optimizer: torch.optim.Optimizer) -> None:
+            row = {**row, "seconds": elapsed + row["seconds"]}  # training seconds since the run began
             writer.writerow(row)
             handle.flush()
             rows.append(row)
+            step = int(row["step"])
+            if step < steps and budget is None:
+                write_resume_state(run_dir, step, model, ema, optimizer)
+            if cfg.train.sample_every and step % cfg.train.sample_every == 0 and step < steps:
+                _write_snapshot(run_dir, cfg, model, ema, normalizer, step, progress)
 
         start = time.perf_counter()
         result = train_local(
             model, GaussianDiffusion(cfg.diffusion), data, cfg, steps,
             budget=budget, randomness=randomness, ema=ema, schedule=True,
             progress=progress, description="pretrain" if pool == "public" else "central", on_log=on_log,
+            start_step=start_step, optimizer_state=optimizer_state,
         )
     ema.copy_to(model)  # an average of DP iterates is post-processing: it costs no privacy
     directory = save_checkpoint(
@@ -106,6 +188,7 @@ def run_central(cfg: Config, run_dir: Path, progress: bool = True, pool: str = "
         progress={"step": result.steps, "kind": "central", "weights": "ema"},
     )
     (run_dir / "checkpoints" / "latest").write_text(directory.name)
+    shutil.rmtree(run_dir / RESUME, ignore_errors=True)  # finished: nothing left to resume
     if budget is not None:
         write_certificate(run_dir / "privacy.json",
                           build_certificate(cfg, [budget], "central", sha256_file(directory / WEIGHTS)))
@@ -127,6 +210,20 @@ def run_central(cfg: Config, run_dir: Path, progress: bool = True, pool: str = "
     return run_dir
 
 
+def _write_snapshot(run_dir: Path, cfg: Config, model, ema: EMA, normalizer, step: int, progress: bool) -> None:
+    """The EMA weights at `step` as a checkpoint, and their sample grid: quality along the run."""
+    from common.bundle import build_generator
+
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    state.update({k: v.detach().cpu().clone() for k, v in ema.shadow.items()})
+    directory = save_checkpoint(run_dir / "checkpoints" / f"step-{step:06d}", state, cfg, normalizer,
+                                progress={"step": step, "kind": "central", "weights": "ema"})
+    gen = build_generator(cfg, state, normalizer, directory)
+    labels, demo, mask, titles = grid_conditions(SCP_CODES, cfg.train.num_samples)
+    signals = generate(gen, labels, demo, mask, seed=cfg.train.seed, progress=False)
+    plot_ecg_grid(signals, run_dir / f"samples-step-{step:06d}.png", titles=titles)
+
+
 def _write_base(run_dir: Path, cfg: Config, dataset, checkpoint: Path, steps: int) -> None:
     """Provenance of a public base model, for `federation.init_from`, the certificate and the model card."""
     base = {
@@ -140,5 +237,6 @@ def _write_base(run_dir: Path, cfg: Config, dataset, checkpoint: Path, steps: in
         "config_sha256": config_hash(cfg),
         "partition": to_dict(cfg)["partition"],
         "model": to_dict(cfg)["model"],
+        "diffusion": to_dict(cfg)["diffusion"],
     }
     (run_dir / "base.json").write_text(json.dumps(base, indent=2))

@@ -23,10 +23,19 @@ def _add_config_args(parser: argparse.ArgumentParser, required: bool = True) -> 
 def cmd_train(args: argparse.Namespace) -> int:
     from simulations.central import run_central
 
-    cfg = load(args.config, args.overrides)
     kind = "pretrain" if args.command == "pretrain" else "central"
-    out = Path(args.out) if args.out else Path(cfg.output.dir) / f"{cfg.output.name}-{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_central(cfg, out, progress=not args.quiet, pool="public" if kind == "pretrain" else "training")
+    if args.resume:
+        out = Path(args.resume)
+        if not (out / "config.yaml").is_file():
+            raise ConfigError(f"--resume {out}: no config.yaml (not a fedecg run directory)")
+        cfg = load(out / "config.yaml", args.overrides)
+    elif args.config:
+        cfg = load(args.config, args.overrides)
+        out = Path(args.out) if args.out else Path(cfg.output.dir) / f"{cfg.output.name}-{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
+    else:
+        raise ConfigError(f"{args.command} needs --config CFG (or --resume RUN_DIR)")
+    run_central(cfg, out, progress=not args.quiet, pool="public" if kind == "pretrain" else "training",
+                resume=bool(args.resume))
     return 0
 
 
@@ -151,14 +160,16 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate_command.register(sub)
 
     p = sub.add_parser("train", help="train one model centrally on all training folds (the baseline)")
-    _add_config_args(p)
+    _add_config_args(p, required=False)
     p.add_argument("--out", help="run directory (default: output.dir/output.name-central-TIMESTAMP)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue an unfinished non-DP run from its last logged step")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("pretrain", help="train a base model without DP on the public pool (partition.public_sites)")
-    _add_config_args(p)
+    _add_config_args(p, required=False)
     p.add_argument("--out", help="run directory (default: output.dir/output.name-pretrain-TIMESTAMP)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue an unfinished pretraining from its last logged step")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_train)
 

@@ -71,3 +71,14 @@ def test_run_spec_round_trip():
     assert RunSpec.from_run_config(spec.to_run_config()) == spec
     with pytest.raises(ConfigError, match="config-path"):
         RunSpec.from_run_config({})
+
+
+@pytest.mark.parametrize("name", ["quickstart", "quality_cpu"])
+def test_the_demo_and_quality_recipes_start_from_the_shipped_public_base(name):
+    from common.bundle import load_public_base
+    from common.model.denoiser import build_denoiser
+
+    cfg = load(ROOT / "configs" / f"{name}.yaml")
+    state, base = load_public_base(ROOT / cfg.federation.init_from, cfg)  # hash, model, noise process, public pool
+    build_denoiser(cfg.model).load_state_dict(state)  # strict: every weight fits the configured network
+    assert cfg.partition.public_sites == (0,) and "sites [0]" in base["trained_on"] and base["steps"] > 0

@@ -294,3 +294,44 @@ def test_tiny_model_overfits_one_real_ecg(shared_ptbxl: Path) -> None:
         optimizer.step()
         history.append(loss.item())
     assert history[-1] < history[0] / 10, (history[0], history[-1], f"{time.perf_counter() - start:.1f}s")
+
+
+# -- v-prediction and min-SNR weighting ----------------------------------------------------------------------
+
+
+def test_v_prediction_recovers_x0_and_eps_and_stays_bounded_where_eps_does_not() -> None:
+    diffusion = GaussianDiffusion(DiffusionConfig(schedule="cosine", prediction="v"))
+    x0, noise = torch.randn(4, 8, 50, dtype=torch.float64), torch.randn(4, 8, 50, dtype=torch.float64)
+    t = torch.tensor([0, 60, 150, 199])
+    x_t = diffusion.q_sample(x0, t, noise)
+    x0_hat, eps_hat = diffusion.split_output(x_t, t, diffusion.target(x0, t, noise))
+    torch.testing.assert_close(x0_hat, x0)
+    torch.testing.assert_close(eps_hat, noise)
+    # The same output error of 0.1 at the last cosine step: x0 error 0.1 under v, thousands under eps.
+    last = torch.tensor([199])
+    error = torch.full((1, 8, 50), 0.1, dtype=torch.float64)
+    v_x0, _ = diffusion.split_output(x_t[3:], last, diffusion.target(x0[3:], last, noise[3:]) + error)
+    eps_x0 = diffusion.predict_x0(x_t[3:], last, noise[3:] + error)
+    assert (v_x0 - x0[3:]).abs().max() < 0.11
+    assert (eps_x0 - x0[3:]).abs().max() > 100
+
+
+def test_v_loss_targets_v_and_min_snr_weights_it_as_capped_snr_on_x0() -> None:
+    model = _tiny(dtype=torch.float64)
+    x0 = torch.randn(3, 8, 100, dtype=torch.float64)
+    labels, demographics = (v.double() for v in _conditioning(3))
+    t, noise = torch.tensor([2, 80, 190]), torch.randn(3, 8, 100, dtype=torch.float64)
+    for gamma in (0.0, 5.0):
+        diffusion = GaussianDiffusion(DiffusionConfig(schedule="cosine", prediction="v", min_snr_gamma=gamma))
+        out = diffusion.training_losses(model, x0, labels, demographics, t=t, noise=noise)
+        x_t = diffusion.q_sample(x0, t, noise)
+        output = model(x_t, t, labels, demographics, None)
+        x0_error = (diffusion.split_output(x_t, t, output)[0] - x0).pow(2).mean(dim=(1, 2))
+        abar = diffusion.table("alphas_cumprod")[t]
+        snr = abar / (1 - abar)
+        expected = x0_error * (snr + 1) if gamma == 0 else x0_error * snr.clamp(max=gamma)
+        torch.testing.assert_close(out["eps"], expected.to(out["eps"].dtype), rtol=1e-5, atol=1e-8)
+    with pytest.raises(ValueError, match="prediction"):
+        GaussianDiffusion(DiffusionConfig(prediction="x0"))
+    with pytest.raises(ValueError, match="min_snr_gamma"):
+        GaussianDiffusion(DiffusionConfig(min_snr_gamma=-1.0))

@@ -139,3 +139,23 @@ def test_learning_rate_warms_up_and_decays_to_zero():
     assert lr_factor(0, 100, 0, "cosine") == 1.0
     assert lr_factor(50, 100, 0, "cosine") == pytest.approx(0.5)
     assert lr_factor(100, 100, 0, "cosine") == pytest.approx(0.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("private", [False, True])
+def test_a_declared_parameter_subset_trains_and_the_rest_stays_put(private):
+    cfg = _cfg(**({"target_epsilon": 5.0} if private else {"enabled": False}))
+    torch.manual_seed(0)
+    model = build_denoiser(cfg.model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    budget = plan_budget("a", cfg.privacy, 8, 24, planned_steps=2) if private else None
+    train_local(model, GaussianDiffusion(cfg.diffusion), _data(), cfg, steps=2, budget=budget, lr=1e-2,
+                trainable=("output_proj",), progress=False)
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
+    assert moved and all(n.startswith("output_proj") for n in moved)
+
+
+def test_an_unknown_trainable_prefix_is_an_error():
+    cfg = _cfg(enabled=False)
+    with pytest.raises(ValueError, match="no_such_layer.*match no parameter"):
+        train_local(build_denoiser(cfg.model), GaussianDiffusion(cfg.diffusion), _data(), cfg, steps=1,
+                    trainable=("no_such_layer",), progress=False)

@@ -45,3 +45,47 @@ def test_pretraining_on_the_public_pool_gives_a_base_the_federation_can_start_fr
         load_public_base(run, load(path, ["model.channels=16"]))
     with pytest.raises(ValueError, match="needs a public pool"):
         run_central(load(tiny_run_config(tiny_ptbxl.root, tmp_path / "nopool")), tmp_path / "x", progress=False, pool="public")
+
+
+def test_an_interrupted_pretraining_resumes_where_it_stopped(tiny_ptbxl, tmp_path, monkeypatch):
+    import csv
+
+    import pytest
+
+    import simulations.central as central
+
+    path = tiny_run_config(tiny_ptbxl.root, tmp_path, train={"steps": 4, "batch_size": 4, "num_samples": 1,
+                                                              "log_every": 1, "sample_every": 2},
+                           partition={"scheme": "site", "num_sites": 2, "public_sites": [0]})
+    cfg = load(path)
+    real_snapshot = central._write_snapshot
+
+    def killed_at_first_snapshot(*args, **kwargs):
+        raise KeyboardInterrupt  # the resume state of step 2 is on disk before the snapshot
+
+    monkeypatch.setattr(central, "_write_snapshot", killed_at_first_snapshot)
+    with pytest.raises(KeyboardInterrupt):
+        run_central(cfg, tmp_path / "base", progress=False, pool="public")
+    assert central.read_resume_state(tmp_path / "base").step == 2
+    with pytest.raises(FileExistsError, match="--resume"):
+        run_central(cfg, tmp_path / "base", progress=False, pool="public")
+
+    monkeypatch.setattr(central, "_write_snapshot", real_snapshot)
+    adam_steps = []
+    real_train_local = central.train_local
+
+    def watched(*args, on_log, **kwargs):
+        def log(row, optimizer):
+            adam_steps.append(int(next(iter(optimizer.state.values()))["step"]))
+            on_log(row, optimizer)
+        return real_train_local(*args, on_log=log, **kwargs)
+
+    monkeypatch.setattr(central, "train_local", watched)
+    run = run_central(cfg, tmp_path / "base", progress=False, pool="public", resume=True)
+    assert adam_steps == [3, 4]  # the optimizer's moments came back with the weights
+    with (run / "metrics.csv").open() as handle:
+        assert [float(row["step"]) for row in csv.DictReader(handle)] == [1.0, 2.0, 3.0, 4.0]
+    assert read_checkpoint(run / "checkpoints" / "final")[3]["step"] == 4
+    assert not (run / central.RESUME).exists() and json.loads((run / "base.json").read_text())["steps"] == 4
+    with pytest.raises(FileExistsError, match="finished"):
+        run_central(cfg, run, progress=False, pool="public", resume=True)
