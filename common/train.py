@@ -113,7 +113,7 @@ def select_trainable(model: nn.Module, prefixes: tuple[str, ...]) -> list[nn.Par
     unknown = [p for p in prefixes if not any(name.startswith(p) for name in names)]
     if unknown:
         roots = sorted({name.split(".")[0] for name in names})
-        raise ValueError(f"train.trainable: {unknown} match no parameter (top-level modules: {roots})")
+        raise ValueError(f"federation.trainable: {unknown} match no parameter (top-level modules: {roots})")
     trained = []
     for name, param in model.named_parameters():
         param.requires_grad_(not prefixes or any(name.startswith(p) for p in prefixes))
