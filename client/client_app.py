@@ -11,7 +11,7 @@ import logging
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.site import evaluate_memorization, load_site, open_ledger, train_round
+from client.site import audit_site, evaluate_memorization, load_site, open_ledger, train_round
 from common.config import RunSpec
 
 log = logging.getLogger("fedecg.client")
@@ -52,6 +52,18 @@ def handle_memorization(msg: Message, context: Context, spec: RunSpec) -> Messag
     return Message(content, reply_to=msg)
 
 
+def handle_audit(msg: Message, context: Context, spec: RunSpec) -> Message:
+    """Score this site's canaries under the final weights; only the audit's summary is sent back."""
+    cfg = spec.load()
+    node_config = dict(context.node_config)
+    site = load_site(cfg, node_config)
+    summary = audit_site(cfg, site, open_ledger(cfg, site, node_config), msg.content["arrays"].to_torch_state_dict(),
+                         str(msg.content["config"]["run-key"]))
+    content = RecordDict({"metrics": MetricRecord({"site-index": site.index, **summary}),
+                          "site": ConfigRecord({"name": site.name})})
+    return Message(content, reply_to=msg)
+
+
 def build_client_app(spec: RunSpec | None = None) -> ClientApp:
     """A ClientApp bound to `spec`, or (for `flwr run`) reading it from the run config."""
     app = ClientApp()
@@ -63,6 +75,10 @@ def build_client_app(spec: RunSpec | None = None) -> ClientApp:
     @app.evaluate("memorization")
     def memorization(msg: Message, context: Context) -> Message:
         return handle_memorization(msg, context, spec or RunSpec.from_run_config(dict(context.run_config)))
+
+    @app.evaluate("audit")
+    def audit(msg: Message, context: Context) -> Message:
+        return handle_audit(msg, context, spec or RunSpec.from_run_config(dict(context.run_config)))
 
     return app
 

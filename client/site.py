@@ -19,9 +19,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from client.audit import audit_summary, coins_for_run, site_canaries, with_canaries
 from common.config import Config
+from common.data.dataset import ECGDataset, load_dataset
+from common.data.metadata import load_metadata
 from common.data.partition import Partition, make_partition, one_record_per_patient
-from common.data.ptbxl import ECGDataset, load_dataset, load_metadata
 from common.diffusion import GaussianDiffusion
 from common.model.denoiser import build_denoiser
 from common.normalization import federated_normalizer
@@ -125,6 +127,9 @@ def train_round(
     model = build_denoiser(cfg.model)
     model.load_state_dict(global_state)
     data = TrainingData.from_dataset(site.train, federated_normalizer())
+    if cfg.audit.pairs_per_site:
+        data = with_canaries(data, site_canaries(cfg, site.index, data.signals.shape[-1]),
+                             coins_for_run(cfg, ledger.directory, run_key))
     diffusion = GaussianDiffusion(cfg.diffusion)
     description = f"site {site.name} round {server_round}"
     fc = cfg.federation
@@ -134,12 +139,12 @@ def train_round(
         result = train_local(model, diffusion, data, cfg, steps=fc.local_steps,
                              seed=public_seed(cfg, site.name, server_round), **tuning)
         _log_round(ledger, server_round, result)
-        metrics = {**_plan_metrics(site, result.steps), "loss": result.loss, "eps-loss": result.eps_loss,
+        metrics = {**_plan_metrics(site, len(data), result.steps), "loss": result.loss, "eps-loss": result.eps_loss,
                    "mel-loss": result.mel_loss, "train-seconds": result.seconds}
         return _plain(model), metrics, None
     with ledger.locked():
         budget = ledger.budget(run_key, lambda: plan_budget(
-            site.name, cfg.privacy, cfg.train.batch_size, len(site.train), planned_steps(cfg, "federated")))
+            site.name, cfg.privacy, cfg.train.batch_size, len(data), planned_steps(cfg, "federated")))
         steps = ledger.reserve(run_key, budget, cfg.federation.local_steps)
         randomness = ledger.next_randomness()
         if steps == 0:
@@ -153,15 +158,16 @@ def _plain(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
 
-def _plan_metrics(site: SiteData, steps: int) -> dict[str, float]:
-    # N is published (the certificate's replace-one relation), so FedAvg may weight by it.
-    return {"site-index": site.index, "num-records": len(site.train), "steps": steps}
+def _plan_metrics(site: SiteData, num_records: int, steps: int) -> dict[str, float]:
+    # N is published (the certificate's replace-one relation), so FedAvg may weight by it. An audit run's N
+    # counts one record per canary slot whichever candidate the secret coin chose.
+    return {"site-index": site.index, "num-records": num_records, "steps": steps}
 
 
 def _budget_metrics(site: SiteData, budget: SiteBudget, steps: int) -> dict[str, float]:
     """Functions of the public plan only: the declared N, the plan, the steps taken, the epsilon spent."""
     return {
-        **_plan_metrics(site, steps),
+        **_plan_metrics(site, budget.num_records, steps),
         "steps-total": budget.steps,
         "planned-steps": budget.planned_steps,
         "epsilon": budget.epsilon(),
@@ -180,6 +186,20 @@ def _log_round(ledger: SiteLedger, server_round: int, result: TrainResult) -> No
                      f"{result.mel_loss:.6g},{result.seconds:.3f},{result.empty_batches}\n")
 
 
+def audit_site(cfg: Config, site: SiteData, ledger: SiteLedger, final_state: dict[str, torch.Tensor],
+               run_key: str) -> dict[str, float]:
+    """The site's audit summary for `run_key` (see client/audit.py for what it contains and why it may leave)."""
+    from common.bundle import initial_state
+
+    if not cfg.audit.pairs_per_site:
+        raise ValueError("the server asked for a canary audit, but this run's config plants no canaries (audit.pairs_per_site)")
+    coins_path = ledger.directory / "audit" / f"{run_key}.json"
+    if not coins_path.is_file():
+        raise ValueError(f"site {site.name} planted no canaries under run key {run_key[:8]}... (it never trained in this run)")
+    canaries = site_canaries(cfg, site.index, site.train.signals.shape[-1])
+    return audit_summary(cfg, final_state, initial_state(cfg)[0], canaries, coins_for_run(cfg, ledger.directory, run_key))
+
+
 def evaluate_memorization(cfg: Config, site: SiteData, ledger: SiteLedger, global_state: dict[str, torch.Tensor]) -> Path:
     """Memorization of the site's own records by the global model, computed inside the site.
 
@@ -190,7 +210,7 @@ def evaluate_memorization(cfg: Config, site: SiteData, ledger: SiteLedger, globa
     so none of them leaves the site.
     """
     from common.bundle import build_generator
-    from common.data.ptbxl import select_model_leads
+    from common.data.leads import select_model_leads
     from common.evaluation.memorization import site_memorization_metrics
     from common.generate import generate
 

@@ -12,7 +12,6 @@ not match its manifest.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from dataclasses import dataclass
@@ -25,9 +24,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from common.config import Config, config_hash, from_dict, to_dict
-from common.data.ptbxl import Normalizer
 from common.diffusion import GaussianDiffusion
+from common.hashing import sha256_file
 from common.model.denoiser import build_denoiser
+from common.normalization import Normalizer
+from common.run_dir import CHECKPOINTS, read_latest
 
 BUNDLE_FORMAT = "fedecg-bundle/1"
 CHECKPOINT_FORMAT = "fedecg-checkpoint/1"
@@ -36,14 +37,6 @@ WEIGHTS = "model.safetensors"
 
 class BundleError(ValueError):
     """A bundle or checkpoint that is incomplete, tampered with or of an unknown format."""
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def save_weights(path: str | Path, state: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
@@ -113,9 +106,9 @@ def build_generator(cfg: Config, state: dict[str, torch.Tensor], normalizer: Nor
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    pointer = Path(run_dir) / "checkpoints" / "latest"
-    if pointer.is_file():
-        target = Path(run_dir) / "checkpoints" / pointer.read_text().strip()
+    name = read_latest(run_dir)
+    if name is not None:
+        target = Path(run_dir) / CHECKPOINTS / name
         if (target / "checkpoint.json").is_file():
             return target
     return None
@@ -168,6 +161,15 @@ def load_public_base(path: str | Path, cfg: Config) -> tuple[dict[str, torch.Ten
         )
     state, _, _, _ = read_checkpoint(checkpoint)
     return state, {k: base[k] for k in ("trained_on", "records", "patients", "steps", "weights_sha256", "config_sha256")}
+
+
+def initial_state(cfg: Config) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+    """A federated run's starting weights, a function of the public config: the public base
+    (federation.init_from) with its provenance, else the initialization seeded by train.seed."""
+    if cfg.federation.init_from:
+        return load_public_base(cfg.federation.init_from, cfg)
+    torch.manual_seed(cfg.train.seed)
+    return {k: v.detach().cpu() for k, v in build_denoiser(cfg.model).state_dict().items()}, None
 
 
 def verify_bundle(path: str | Path) -> list[str]:

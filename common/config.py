@@ -150,9 +150,21 @@ class EvaluationConfig:
     max_classifier_records: int | None = None  # cap on real records for the reference/demographic CNNs (None: all)
     mia_records: int = 500  # members and as many non-members scored by the membership-inference attack
     mia_timesteps: int = 8  # fixed diffusion timesteps averaged per record by the loss attack
+    mia_noise_draws: int = 4  # noise draws per timestep (the gap hides in the noise's own variance at one draw)
     sample_steps: int | None = None  # sampler steps for the synthetic set (None: the bundle's diffusion.sample_steps)
     max_clinical_records: int = 2000  # real records delineated for the clinical comparison
     site_records: int = 64  # federated runs: records per site for the site-side memorization check (0: skip)
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    pairs_per_site: int = 0  # canary slots planted at every site (0: no audit); see common/privacy/audit.py
+    kinds: tuple[str, ...] = ("ood", "relabelled")  # slot i is of kind kinds[i % len(kinds)]
+    seed: int = 0  # public: the candidates; the coins choosing which candidate trains are each site's secret
+    timesteps: int = 8  # diffusion timesteps averaged by the canary score
+    noise_draws: int = 4  # noise draws per timestep
+    guess_fractions: tuple[float, ...] = (0.1, 0.25, 0.5, 1.0)  # shares of slots guessed, Bonferroni over them
+    confidence: float = 0.95
 
 
 @dataclass(frozen=True)
@@ -173,6 +185,7 @@ class Config:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
 

@@ -13,15 +13,9 @@ import wfdb
 from tqdm.auto import tqdm
 
 from common.bundle import Generator
-from common.data.ptbxl import (
-    AGE_OVER_89_CODE,
-    AGE_OVER_89_VALUE,
-    LEADS,
-    demographics_from_metadata,
-    derive_leads,
-    encode_demographics,
-    labels_from_scp_codes,
-)
+from common.data.demographics import demographics_from_metadata, encode_demographics, fold_age
+from common.data.labels import labels_from_scp_codes
+from common.data.leads import LEAD_NAMES, derive_leads
 from common.plotting import plot_ecg_grid
 from common.train import select_device
 
@@ -83,7 +77,7 @@ def write_record(path_stem: Path, signals12: np.ndarray) -> None:
         path_stem.name,
         fs=SAMPLING_RATE,
         units=["mV"] * 12,
-        sig_name=list(LEADS),
+        sig_name=list(LEAD_NAMES),
         p_signal=clipped,
         fmt=["16"] * 12,
         adc_gain=[ADC_GAIN] * 12,
@@ -120,7 +114,7 @@ def sample_records(
     progress: bool = True,
 ) -> pd.DataFrame:
     """`fedecg sample --n N --labels ... --age ... --sex ...`: N records with the same conditions."""
-    from common.data.ptbxl import demographics_from_request
+    from common.data.demographics import demographics_from_request
 
     out_dir = Path(out_dir)
     vector = parse_labels(labels, codes)
@@ -177,7 +171,7 @@ def _like_table(meta: pd.DataFrame) -> pd.DataFrame:
     _, present = demographics_from_metadata(meta)
     # The values the model got, taken from the float64 columns so that they read back exactly.
     values = meta.loc[:, ["age", "sex", "height", "weight"]].apply(pd.to_numeric, errors="coerce").to_numpy(np.float64)
-    values[values[:, 0] == AGE_OVER_89_CODE, 0] = AGE_OVER_89_VALUE
+    values[:, 0] = fold_age(values[:, 0])
     values[~present] = np.nan
     return pd.DataFrame({
         "patient_id": ids,

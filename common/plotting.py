@@ -11,7 +11,8 @@ matplotlib.use("Agg")  # headless: runs on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-LEAD_NAMES = ("I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6")
+from common.data.leads import LEAD_NAMES  # noqa: E402
+
 # Clinical 3x4 layout: each column shows 2.5 s of its leads, as on a printed 12-lead ECG.
 CLINICAL_LAYOUT = (("I", "aVR", "V1", "V4"), ("II", "aVL", "V2", "V5"), ("III", "aVF", "V3", "V6"))
 

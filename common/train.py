@@ -22,9 +22,11 @@ from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
 from common.config import Config
-from common.data.ptbxl import ECGDataset, Normalizer, encode_demographics
+from common.data.dataset import ECGDataset
+from common.data.demographics import encode_demographics
 from common.diffusion import GaussianDiffusion
 from common.losses import MelSpectrogramLoss
+from common.normalization import Normalizer
 from common.privacy import DPRandomness, SiteBudget, make_private
 
 

@@ -10,8 +10,10 @@ import functools
 import logging
 
 from common.config import Config
+from common.data.dataset import ECGDataset, load_dataset
+from common.data.errors import DataError
+from common.data.metadata import load_metadata
 from common.data.partition import make_partition
-from common.data.ptbxl import DataError, ECGDataset, load_dataset, load_metadata
 
 log = logging.getLogger("fedecg.server")
 REFERENCE_SIZE = 64

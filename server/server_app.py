@@ -15,23 +15,22 @@ import secrets
 import time
 from pathlib import Path
 
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.serverapp import Grid, ServerApp
 
 from common.bundle import (
     WEIGHTS,
     build_generator,
+    initial_state,
     latest_checkpoint,
-    load_public_base,
     read_checkpoint,
     save_checkpoint,
-    sha256_file,
 )
 from common.config import Config, RunSpec, save as save_config
-from common.model.denoiser import build_denoiser
+from common.hashing import sha256_file
 from common.normalization import federated_normalizer
 from common.privacy import build_certificate, write_certificate
+from common.run_dir import default_run_dir, write_latest
 from common.scp import SCP_CODES
 from server.strategy import LedgerConflict, PrivacyLedger, build_strategy, load_strategy_state, save_strategy_state
 
@@ -46,7 +45,7 @@ METRIC_FIELDS = (
 def run_directory(spec: RunSpec, cfg: Config) -> Path:
     if spec.run_dir:
         return Path(spec.run_dir)
-    return Path(cfg.output.dir) / f"{cfg.output.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return default_run_dir(cfg)
 
 
 def _append_metrics(path: Path, rows: list[dict]) -> None:
@@ -97,12 +96,9 @@ def run_server(grid: Grid, context: Context, spec: RunSpec) -> Path:
             raise FileExistsError(f"{run_dir} already holds a run; use --resume or a new run directory")
         save_config(cfg, run_dir)
         run_key = secrets.token_hex(16)  # names this run in every site's ledger; kept by checkpoints for --resume
-        if fc.init_from:
-            state, base = load_public_base(fc.init_from, cfg)
+        state, base = initial_state(cfg)
+        if base is not None:
             (run_dir / "base_model.json").write_text(json.dumps(base, indent=2))
-        else:
-            torch.manual_seed(cfg.train.seed)
-            state = {k: v.detach().cpu() for k, v in build_denoiser(cfg.model).state_dict().items()}
 
     arrays = ArrayRecord(state)
     last_round = fc.rounds if not spec.until_round else min(fc.rounds, spec.until_round)
@@ -147,6 +143,8 @@ def run_server(grid: Grid, context: Context, spec: RunSpec) -> Path:
         base = json.loads(base_file.read_text()) if base_file.is_file() else None
         write_certificate(run_dir / "privacy.json",
                           build_certificate(cfg, ledger.budgets(), "federated", sha256_file(weights), base_model=base))
+    if cfg.audit.pairs_per_site:
+        _site_audit(grid, arrays, run_dir, run_key, cfg)
     _plot_rounds(run_dir)
     (run_dir / "epsilon_table.txt").write_text(ledger.table() + "\n")
     print(f"\nrun directory: {run_dir}\n{ledger.table()}", flush=True)
@@ -185,6 +183,28 @@ def _site_memorization(grid: Grid, arrays: ArrayRecord, run_dir: Path) -> None:
     log.info("memorization checked inside sites %s; reports stay at the sites", sorted(checked))
 
 
+def _site_audit(grid: Grid, arrays: ArrayRecord, run_dir: Path, run_key: str, cfg: Config) -> None:
+    """Collect every site's canary-audit summary and write the pooled bound to audit.json."""
+    from flwr.app import MessageType, RecordDict
+
+    from common.privacy.audit import audit_report, audit_table
+
+    content = RecordDict({"arrays": arrays, "config": ConfigRecord({"run-key": run_key})})
+    messages = [Message(content, dst_node_id=node, message_type=f"{MessageType.EVALUATE}.audit")
+                for node in grid.get_node_ids()]
+    summaries = {}
+    for reply in grid.send_and_receive(messages=messages, timeout=ROUND_TIMEOUT_S):
+        if reply.has_error():
+            raise RuntimeError(f"canary audit failed on node {reply.metadata.src_node_id}: {reply.error.reason}")
+        summaries[_site_name(reply)] = dict(reply.content["metrics"])
+    certificate = run_dir / "privacy.json"
+    certified = json.loads(certificate.read_text())["release"]["epsilon"] if certificate.is_file() else None
+    ac = cfg.audit
+    report = audit_report(summaries, ac.guess_fractions, cfg.privacy.delta, ac.confidence, certified)
+    (run_dir / "audit.json").write_text(json.dumps(report, indent=2))
+    log.info("canary audit:\n%s", audit_table(report))
+
+
 def _checkpoint(root, server_round, arrays, strategy, ledger, cfg, normalizer, run_key: str) -> None:
     name = f"round_{server_round:04d}"
     directory = root / name
@@ -197,7 +217,7 @@ def _checkpoint(root, server_round, arrays, strategy, ledger, cfg, normalizer, r
     )
     save_strategy_state(directory / "strategy.safetensors", strategy)
     (directory / "ledger.json").write_text(ledger.to_json())
-    (root / "latest").write_text(name)  # written last: a crash mid-checkpoint leaves the previous one current
+    write_latest(root.parent, name)  # written last: a crash mid-checkpoint leaves the previous one current
 
 
 def _sample_png(cfg: Config, arrays: ArrayRecord, normalizer, path: Path, server_round: int) -> None:

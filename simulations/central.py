@@ -22,16 +22,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.bundle import WEIGHTS, load_weights, save_checkpoint, save_weights, sha256_file
+from common.bundle import WEIGHTS, load_weights, save_checkpoint, save_weights
 from common.config import Config, config_hash, save as save_config, to_dict
+from common.data.dataset import load_dataset
+from common.data.metadata import load_metadata
 from common.data.partition import make_partition, training_ids
-from common.data.ptbxl import load_dataset, load_metadata
 from common.diffusion import GaussianDiffusion
 from common.generate import generate, grid_conditions
+from common.hashing import sha256_file
 from common.model.denoiser import build_denoiser, count_parameters
 from common.plotting import plot_curves, plot_ecg_grid
 from common.normalization import federated_normalizer
 from common.privacy import SiteLedger, build_certificate, plan_budget, write_certificate
+from common.run_dir import latest_pointer, write_latest
 from common.scp import SCP_CODES
 from common.train import EMA, TrainingData, train_local
 
@@ -97,7 +100,7 @@ def _read_metrics(path: Path, up_to_step: int) -> list[dict[str, float]]:
 
 
 def run_central(cfg: Config, run_dir: Path, progress: bool = True, pool: str = "training", resume: bool = False) -> Path:
-    if (run_dir / "checkpoints" / "latest").exists():
+    if latest_pointer(run_dir).exists():
         raise FileExistsError(f"{run_dir} already holds a finished run; choose a new --out")
     resumed = read_resume_state(run_dir) if resume else None
     if resume and resumed is None:
@@ -187,7 +190,7 @@ def run_central(cfg: Config, run_dir: Path, progress: bool = True, pool: str = "
         normalizer,
         progress={"step": result.steps, "kind": "central", "weights": "ema"},
     )
-    (run_dir / "checkpoints" / "latest").write_text(directory.name)
+    write_latest(run_dir, directory.name)
     shutil.rmtree(run_dir / RESUME, ignore_errors=True)  # finished: nothing left to resume
     if budget is not None:
         write_certificate(run_dir / "privacy.json",

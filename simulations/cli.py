@@ -6,10 +6,10 @@ import argparse
 import json
 import logging
 import sys
-import time
 from pathlib import Path
 
 from common.config import ConfigError, RunSpec, load
+from common.run_dir import default_run_dir
 
 
 def _add_config_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
@@ -31,7 +31,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = load(out / "config.yaml", args.overrides)
     elif args.config:
         cfg = load(args.config, args.overrides)
-        out = Path(args.out) if args.out else Path(cfg.output.dir) / f"{cfg.output.name}-{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
+        out = Path(args.out) if args.out else default_run_dir(cfg, kind)
     else:
         raise ConfigError(f"{args.command} needs --config CFG (or --resume RUN_DIR)")
     run_central(cfg, out, progress=not args.quiet, pool="public" if kind == "pretrain" else "training",
@@ -40,7 +40,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from simulations.simulate import default_run_dir, simulate
+    from simulations.simulate import simulate
 
     if args.resume:
         run_dir = Path(args.resume)
@@ -62,7 +62,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     import pandas as pd
 
     from common.bundle import load_generator
-    from common.data.ptbxl import read_metadata_table
+    from common.data.metadata import read_metadata_table
     from common.generate import sample_like, sample_records
     from common.scp import SCP_CODES
 
@@ -150,7 +150,7 @@ def cmd_privacy_ledger(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from simulations import data_commands, evaluate_command
+    from simulations import audit_command, data_commands, evaluate_command
 
     parser = argparse.ArgumentParser(prog="fedecg", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -212,6 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     led.add_argument("--dir", default=".fedecg/sites", help="the sites' state directory (federation.site_state_dir)")
     led.add_argument("--reason", default="reset by the operator", help="recorded in the ledger with a reset")
     led.set_defaults(func=cmd_privacy_ledger)
+    audit_command.register(psub, _add_config_args)
     return parser
 
 

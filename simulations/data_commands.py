@@ -13,8 +13,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-# Heavy modules (pandas, wfdb) are imported by the handlers, so `fedecg --help` stays fast.
-DEFAULT_BASE_URL = "https://physionet.org/files/ptb-xl/1.0.3/"  # = common.data.fetch.DEFAULT_BASE_URL
+# fetch needs only the standard library; heavy modules (pandas, wfdb) are imported by the handlers, so
+# `fedecg --help` stays fast.
+from common.data.fetch import DEFAULT_BASE_URL
+
 _MAX_LISTED_PROBLEMS = 50
 
 
@@ -68,7 +70,7 @@ def _format_summary(root: Path, summary: dict[str, Any]) -> str:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     from common.data.fetch import SUMS_NAME, FetchError, verify_checksums
-    from common.data.ptbxl import check_structure, summarize_metadata
+    from common.data.verify import check_structure, summarize_metadata
 
     location = args.dir or os.environ.get("PTBXL_DIR")
     if not location:
@@ -115,8 +117,9 @@ def cmd_partition(args: argparse.Namespace) -> int:
     import pandas as pd
 
     from common.config import ConfigError, load
+    from common.data.errors import DataError
+    from common.data.metadata import load_metadata
     from common.data.partition import make_partition
-    from common.data.ptbxl import DataError, load_metadata
 
     try:
         cfg = load(args.config, args.overrides)

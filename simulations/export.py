@@ -14,7 +14,8 @@ from common.privacy import verify_release
 from common.scp import SCP_CODES
 
 
-def model_card(run_dir: Path, cfg, progress: dict, certificate: dict | None, evaluation: dict | None) -> str:
+def model_card(run_dir: Path, cfg, progress: dict, certificate: dict | None, evaluation: dict | None,
+               audit: dict | None = None) -> str:
     params = count_parameters(build_denoiser(cfg.model))
     lines = [
         "# Model card: fedecg synthetic 12-lead ECG generator",
@@ -72,6 +73,8 @@ def model_card(run_dir: Path, cfg, progress: dict, certificate: dict | None, eva
         ]
     else:
         lines.append("**None.** This generator was trained without differential privacy; do not release it outside the data holders.")
+    if audit:
+        lines += ["", *_audit_section(audit)]
     lines += [
         "",
         "## Intended use",
@@ -94,6 +97,24 @@ def model_card(run_dir: Path, cfg, progress: dict, certificate: dict | None, eva
         for key, value in _headline(evaluation):
             lines.append(f"- {key}: {value}")
     return "\n".join(lines) + "\n"
+
+
+def _audit_section(audit: dict) -> list[str]:
+    from common.privacy.audit import audit_table
+
+    bound = audit["bound"]
+    return [
+        "## Empirical privacy audit (audit.json)",
+        f"This run was trained with {bound['slots']} canary slots planted at its sites (one record per slot, a "
+        f"secret coin choosing which of two public candidates trained) and audited in one run: {audit['method']}. "
+        f"The empirical epsilon is a lower bound at {bound['confidence']:.0%} confidence: what the trained weights "
+        f"demonstrably leak about the canaries. The certified epsilon is the upper bound the mechanism promises; a "
+        f"lower bound above it would show the certificate false.",
+        "",
+        "```",
+        audit_table(audit),
+        "```",
+    ]
 
 
 def _headline(evaluation: dict) -> list[tuple[str, str]]:
@@ -140,5 +161,9 @@ def export_bundle(run_dir: Path, out: Path, evaluation: Path | None = None) -> P
             raise ValueError(f"{evaluation} is not a fedecg evaluation report: {err}") from err
         files["evaluation.json"] = evaluation
         outside_dp["evaluation.json"] = "computed with access to real records; not covered by privacy.json"
-    files["MODEL_CARD.md"] = model_card(run_dir, cfg, progress, certificate, report).encode()
+    audit = None
+    if (run_dir / "audit.json").is_file():  # from the weights, the public candidates and the audit's own coins
+        audit = json.loads((run_dir / "audit.json").read_text())
+        files["audit.json"] = run_dir / "audit.json"
+    files["MODEL_CARD.md"] = model_card(run_dir, cfg, progress, certificate, report, audit).encode()
     return write_bundle(out, files, outside_dp_guarantee=outside_dp)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
 from common.config import Config, RunSpec, load
@@ -26,22 +25,16 @@ def flower_environment(home: Path) -> dict[str, str]:
     }
 
 
-def default_run_dir(cfg: Config) -> Path:
-    return Path(cfg.output.dir) / f"{cfg.output.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
 def simulate(spec: RunSpec) -> Path:
     """Run (or resume) a federated simulation; returns the run directory."""
     from flwr.simulation import run_simulation
 
     from client.client_app import build_client_app
+    from common.data.partition import count_sites
     from server.server_app import build_server_app
 
-    from common.data.partition import make_partition
-    from common.data.ptbxl import load_metadata
-
     cfg = load(spec.config_path, spec.overrides)
-    num_sites = len(make_partition(load_metadata(cfg.data), cfg.partition).sites)  # rest=merge adds one
+    num_sites = count_sites(cfg)
     os.environ.update(flower_environment(Path(spec.run_dir) / ".flwr"))
     backend_config = {
         "client_resources": {"num_cpus": cfg.federation.num_cpus_per_site, "num_gpus": 0.0},

@@ -15,7 +15,6 @@ With `records=N` the folder is made self-consistent: ptbxl_database.csv lists on
 from __future__ import annotations
 
 import csv
-import hashlib
 import http.client
 import io
 import logging
@@ -27,6 +26,8 @@ import urllib.request
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
+
+from common.hashing import sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -62,14 +63,6 @@ def read_sha256sums(path: str | Path) -> dict[str, str]:
             raise FetchError(f"{path}:{number}: not a '<sha256> <path>' line: {line[:80]!r}")
         sums[match.group(2)] = match.group(1).lower()
     return sums
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(_CHUNK), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def verify_checksums(root: str | Path, progress: bool = True) -> tuple[int, list[str]]:

@@ -32,8 +32,10 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from common.config import PartitionConfig
-from common.data.ptbxl import AGE_OVER_89_CODE, AGE_OVER_89_VALUE, SUPERCLASSES, DataError
+from common.config import Config, PartitionConfig
+from common.data.demographics import fold_age
+from common.data.errors import DataError
+from common.data.labels import SUPERCLASSES
 
 PARTITION_FORMAT = "fedecg-partition"
 PARTITION_VERSION = 1
@@ -92,7 +94,7 @@ class Partition:
         for name, role, train, local_val in groups:
             ids = list(train) + list(local_val)
             part = meta.loc[ids] if ids else meta.iloc[:0]
-            ages = pd.to_numeric(part["age"], errors="coerce").replace(AGE_OVER_89_CODE, AGE_OVER_89_VALUE).dropna()
+            ages = fold_age(pd.to_numeric(part["age"], errors="coerce")).dropna()
             row: dict[str, Any] = {
                 "site": name, "role": role, "records": len(ids), "train": len(train), "local_val": len(local_val),
                 "patients": int(part["patient_id"].nunique()),
@@ -190,7 +192,7 @@ def _check_config(cfg: PartitionConfig) -> None:
 def _records(meta: pd.DataFrame, columns: Sequence[str]) -> pd.DataFrame:
     missing = [c for c in columns if c not in meta.columns]
     if missing:
-        raise PartitionError(f"metadata lacks columns {missing} (use common.data.ptbxl.read_metadata)")
+        raise PartitionError(f"metadata lacks columns {missing} (use common.data.metadata.read_metadata)")
     table = meta.loc[:, list(columns)].copy()
     table.index = pd.Index(table.index.astype(np.int64), name="ecg_id")
     return table.sort_index()
@@ -294,7 +296,7 @@ def _age_band_name(low: float | None, high: float | None) -> str:
 
 
 def _by_age(first: pd.DataFrame, train: pd.DataFrame, cfg: PartitionConfig) -> tuple[pd.Series, list[str], dict[str, int]]:
-    age = pd.to_numeric(first["age"], errors="coerce").replace(AGE_OVER_89_CODE, AGE_OVER_89_VALUE)
+    age = fold_age(pd.to_numeric(first["age"], errors="coerce"))
     bands = list(cfg.age_bands)
     band = np.searchsorted(np.asarray(bands, dtype=np.float64), age.to_numpy(), side="right").astype(np.int64)
     band[age.isna().to_numpy()] = -1  # no age: no band
@@ -392,6 +394,14 @@ def make_partition(meta: pd.DataFrame, cfg: PartitionConfig) -> Partition:
     )
     _check_patient_disjoint(partition, records["patient_id"])
     return partition
+
+
+def count_sites(cfg: Config) -> int:
+    """The number of sites (SuperNodes) of the configured partition, counted from the partition itself:
+    partition.rest=merge adds a site to partition.num_sites."""
+    from common.data.metadata import load_metadata
+
+    return len(make_partition(load_metadata(cfg.data), cfg.partition).sites)
 
 
 def _check_disjoint_ids(partition: Partition) -> None:

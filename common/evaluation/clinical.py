@@ -31,11 +31,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 from scipy import signal, stats
 
+from common.data.demographics import fold_age
+
 if TYPE_CHECKING:
     from .classifier import ClassifierConfig, ResNet1d
 
 FS = 100
-LEAD_II = 1  # index of lead II in common.data.ptbxl.LEADS order
+LEAD_II = 1  # index of lead II in common.data.leads.LEAD_NAMES order
 REFRACTORY_S = 0.2
 FEATURES = ("heart_rate_bpm", "sdnn_ms", "rmssd_ms", "qrs_ms", "pr_ms", "qt_ms", "qtc_ms")
 PLAUSIBLE = {
@@ -312,7 +314,7 @@ def feature_distances(real_table: np.ndarray, synthetic_table: np.ndarray) -> di
 def einthoven_consistency(x12: np.ndarray) -> dict[str, float]:
     """Lead-system residuals relative to amplitude (0 for a consistent 12-lead record).
 
-    Residuals (leads in LEADS order): Einthoven I + III - II; Goldberger aVR + (I + II)/2,
+    Residuals (leads in LEAD_NAMES order): Einthoven I + III - II; Goldberger aVR + (I + II)/2,
     aVL - (I - III)/2, aVF - (II + III)/2. Each is mean |residual| / mean |limb leads I, II, III| per
     record, averaged over records; `max_relation` is the largest of the four.
     """
@@ -334,9 +336,8 @@ def einthoven_consistency(x12: np.ndarray) -> dict[str, float]:
 
 
 def normalize_age(age: np.ndarray) -> np.ndarray:
-    """PTB-XL codes ages over 89 as 300 (v1.0.3): map every age above 89 to 90."""
-    age = np.asarray(age, dtype=np.float64)
-    return np.where(age > 89, 90.0, age)
+    """Ages as float64 years, PTB-XL's "over 89" (coded 300) folded to 90."""
+    return fold_age(np.asarray(age, dtype=np.float64))
 
 
 def train_demographic_predictors(

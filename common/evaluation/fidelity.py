@@ -1,6 +1,6 @@
 """Signal fidelity of synthetic 12-lead ECGs against real ones.
 
-All functions take float arrays [N, 12, T] in mV, leads in `common.data.ptbxl.LEADS` order, 100 Hz.
+All functions take float arrays [N, 12, T] in mV, leads in `common.data.leads.LEAD_NAMES` order, 100 Hz.
 
 Definitions (the choices are ours where the seed paper leaves them open; see notes):
 

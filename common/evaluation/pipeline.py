@@ -47,6 +47,7 @@ QUICK = {
     "max_classifier_records": 1000,
     "mia_records": 64,
     "mia_timesteps": 4,
+    "mia_noise_draws": 2,
     "sample_steps": 20,
     "max_clinical_records": 500,
 }
@@ -64,6 +65,7 @@ class Settings:
     max_classifier_records: int | None
     mia_records: int
     mia_timesteps: int
+    mia_noise_draws: int
     sample_steps: int | None
     max_clinical_records: int
     seed: int
@@ -82,7 +84,8 @@ def resolve_settings(ev: EvaluationConfig, quick: bool | None = None) -> Setting
     quick = ev.quick if quick is None else quick
     if not ev.test_folds:
         raise ValueError("evaluation.test_folds is empty: name the fold(s) held out for testing")
-    for name in ("num_synthetic", "classifier_epochs", "mia_records", "mia_timesteps", "max_clinical_records"):
+    for name in ("num_synthetic", "classifier_epochs", "mia_records", "mia_timesteps", "mia_noise_draws",
+                 "max_clinical_records"):
         if getattr(ev, name) < 1:
             raise ValueError(f"evaluation.{name} must be >= 1, got {getattr(ev, name)}")
     if ev.sample_steps is not None and ev.sample_steps < 1:
@@ -101,6 +104,7 @@ def resolve_settings(ev: EvaluationConfig, quick: bool | None = None) -> Setting
         "max_classifier_records": ev.max_classifier_records,
         "mia_records": ev.mia_records,
         "mia_timesteps": ev.mia_timesteps,
+        "mia_noise_draws": ev.mia_noise_draws,
         "sample_steps": ev.sample_steps,
         "max_clinical_records": ev.max_clinical_records,
     }
@@ -155,13 +159,13 @@ def _pair(train: Any, synthetic: Any, seed: int) -> tuple[np.ndarray, str]:
 
 
 def _load_real(real_root: Path, cfg: Config, progress: bool) -> Any:
-    from common.data.ptbxl import load_dataset
+    from common.data.dataset import load_dataset
 
     return load_dataset(_data_config(cfg, real_root), progress=progress)
 
 
 def prepare_folders(real_root: str | Path, synthetic_root: str | Path, cfg: Config, settings: Settings, progress: bool = True) -> EvalData:
-    from common.data.ptbxl import load_dataset
+    from common.data.dataset import load_dataset
 
     real_root, synthetic_root = Path(real_root), Path(synthetic_root)
     train, test = split_folds(_load_real(real_root, cfg, progress), settings.test_folds)
@@ -179,7 +183,7 @@ def prepare_bundle(
 ) -> EvalData:
     """Sample one synthetic record per randomly chosen real training record (its labels and demographics)."""
     from common.bundle import load_generator
-    from common.data.ptbxl import load_dataset
+    from common.data.dataset import load_dataset
     from common.generate import sample_like
     from common.scp import SCP_CODES
 
@@ -323,7 +327,8 @@ def run(data: EvalData, settings: Settings, out_dir: str | Path, cache_dir: str 
 
 
 def _fidelity(data: EvalData, a: _Arrays) -> dict[str, Any]:
-    from common.data.ptbxl import LEAD_NAMES, SUPERCLASSES
+    from common.data.labels import SUPERCLASSES
+    from common.data.leads import LEAD_NAMES
 
     ilc = fidelity.interlead_correlation_error(a.train12, a.syn12)
     reference = a.test12[a.real_reference]
@@ -371,7 +376,7 @@ def _frechet(ref_model: Any, a: _Arrays, rng: np.random.Generator) -> dict[str, 
 
 def _clinical(data: EvalData, a: _Arrays, settings: Settings, cache: Path | None, rng: np.random.Generator,
               extras: dict[str, Any], progress: bool) -> dict[str, Any]:
-    from common.data.ptbxl import LEAD_NAMES
+    from common.data.leads import LEAD_NAMES
 
     clin_idx = _sample(len(a.train12), settings.max_clinical_records, rng)
     real_table, real_beats = clinical.features_table(a.train12[clin_idx], progress=progress)
@@ -397,7 +402,7 @@ def _clinical(data: EvalData, a: _Arrays, settings: Settings, cache: Path | None
 
 
 def _memorization(data: EvalData, settings: Settings, extras: dict[str, Any], progress: bool) -> dict[str, Any]:
-    from common.data.ptbxl import Normalizer
+    from common.normalization import Normalizer
 
     # The generator's own normalization when there is one; else one fitted on the real training records.
     normalizer = data.generator.normalizer if data.generator is not None else Normalizer.fit(data.train.signals)
@@ -418,7 +423,7 @@ def _memorization(data: EvalData, settings: Settings, extras: dict[str, Any], pr
 
 def _plots(data: EvalData, a: _Arrays, util: dict[str, Any], mem: dict[str, Any], extras: dict[str, Any],
            plots_dir: Path) -> dict[str, Path]:
-    from common.data.ptbxl import LEAD_NAMES
+    from common.data.leads import LEAD_NAMES
     from common.plotting import plot_ecg_grid
 
     plots: dict[str, Path] = {}
@@ -443,27 +448,51 @@ def _plots(data: EvalData, a: _Arrays, util: dict[str, Any], mem: dict[str, Any]
     return plots
 
 
-def _membership(gen: Any, train: Any, test: Any, settings: Settings, progress: bool) -> tuple[dict[str, float], tuple[np.ndarray, np.ndarray]]:
+def _membership(gen: Any, train: Any, test: Any, settings: Settings, progress: bool) -> tuple[dict[str, Any], tuple[np.ndarray, np.ndarray]]:
+    """The loss attack over timesteps x noise draws; calibrated against the public base when there is one."""
     import torch
-    from sklearn.metrics import roc_curve
 
     rng = np.random.default_rng(settings.seed + 1)
     n = min(settings.mia_records, len(train), len(test))
     members = train.subset(np.sort(train.ecg_ids[rng.choice(len(train), n, replace=False)]))
     nonmembers = test.subset(np.sort(test.ecg_ids[rng.choice(len(test), n, replace=False)]))
-    num_t = int(gen.cfg.diffusion.timesteps)
-    steps = memorization.default_timesteps(num_t, settings.mia_timesteps)
+    steps = memorization.default_timesteps(int(gen.cfg.diffusion.timesteps), settings.mia_timesteps)
 
     def tensors(ds: Any):
         x0 = torch.as_tensor(gen.normalizer.normalize(ds.signals.astype(np.float32)), dtype=torch.float32)
         return x0, torch.as_tensor(ds.labels), torch.as_tensor(ds.encoded_demographics())
 
-    model = gen.model  # scored on whatever device sampling left it
-    loss_m = memorization.diffusion_losses(model, gen.diffusion, *tensors(members), timesteps=steps, seed=settings.seed, progress=progress)
-    loss_n = memorization.diffusion_losses(model, gen.diffusion, *tensors(nonmembers), timesteps=steps, seed=settings.seed, progress=progress)
-    out = memorization.attack_metrics(-loss_m, -loss_n)
+    def losses(model: Any) -> tuple[np.ndarray, np.ndarray]:
+        return tuple(memorization.diffusion_losses(model, gen.diffusion, *tensors(ds), timesteps=steps, seed=settings.seed,
+                                                   noise_draws=settings.mia_noise_draws, progress=progress)
+                     for ds in (members, nonmembers))
+
+    loss_m, loss_n = losses(gen.model)  # scored on whatever device sampling left it
+    out: dict[str, Any] = memorization.attack_metrics(-loss_m, -loss_n)
     out["mia_loss_members_mean"] = float(loss_m.mean())
     out["mia_loss_nonmembers_mean"] = float(loss_n.mean())
-    y = np.concatenate([np.ones(n), np.zeros(n)])
-    fpr, tpr, _ = roc_curve(y, np.concatenate([-loss_m, -loss_n]))
-    return out, (fpr, tpr)
+    out["mia_noise_draws"] = float(settings.mia_noise_draws)
+    reference = _public_base_model(gen)
+    out["calibrated"] = None
+    if reference is not None:
+        ref_m, ref_n = losses(reference)
+        out["calibrated"] = memorization.attack_metrics(ref_m - loss_m, ref_n - loss_n)
+    return out, memorization.roc_points(-loss_m, -loss_n)
+
+
+def _public_base_model(gen: Any) -> Any:
+    """The public base the generator was fine-tuned from, as a reference model (None: no base, or not here)."""
+    from common.bundle import BundleError, initial_state
+    from common.model.denoiser import build_denoiser
+
+    if not gen.cfg.federation.init_from:
+        return None
+    try:
+        state, _ = initial_state(gen.cfg)
+    except (BundleError, FileNotFoundError, OSError) as err:
+        logger.warning("membership attack: no calibration, the public base %s is not usable here: %s",
+                    gen.cfg.federation.init_from, err)
+        return None
+    model = build_denoiser(gen.cfg.model)
+    model.load_state_dict(state)
+    return model.to(next(gen.model.parameters()).device)

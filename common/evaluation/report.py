@@ -34,8 +34,9 @@ for the data at hand (too few records of a class, no generator for the membershi
       dcr_share_closer_to_train, dcr_train_median, dcr_holdout_median, dcr_train_subset_median,
       nndr_median, nndr_min, near_copy_threshold, near_copy_rate, holdout_to_train_median,
       n_synthetic, n_reference (numbers)
-      mia             {mia_auc, mia_tpr_at_1pct_fpr, mia_n_members, mia_n_nonmembers,
-                       mia_loss_members_mean, mia_loss_nonmembers_mean} | null (no generator)
+      mia             {mia_auc, mia_tpr_at_0p1pct_fpr, mia_tpr_at_1pct_fpr, mia_n_members, mia_n_nonmembers,
+                       mia_loss_members_mean, mia_loss_nonmembers_mean, mia_noise_draws,
+                       calibrated: {the attack keys} | null (no public base)} | null (no generator)
     utility
       trtr, trtr_matched (| null), tstr   {macro_auroc_superclasses, macro_auroc_statements,
                                            statements_scored, n_train}
@@ -89,9 +90,11 @@ _FEATURE = _obj({
     "wasserstein": NUM_OR_NULL, "median_real": NUM_OR_NULL, "median_synthetic": NUM_OR_NULL,
     "defined_fraction_real": UNIT, "defined_fraction_synthetic": UNIT,
 })
+_ATTACK = {"mia_auc": UNIT, "mia_tpr_at_0p1pct_fpr": UNIT, "mia_tpr_at_1pct_fpr": UNIT, "mia_n_members": NUM,
+           "mia_n_nonmembers": NUM}
 _MIA = _obj({
-    "mia_auc": UNIT, "mia_tpr_at_1pct_fpr": UNIT, "mia_n_members": NUM, "mia_n_nonmembers": NUM,
-    "mia_loss_members_mean": NUM, "mia_loss_nonmembers_mean": NUM,
+    **_ATTACK, "mia_loss_members_mean": NUM, "mia_loss_nonmembers_mean": NUM, "mia_noise_draws": NUM,
+    "calibrated": {**_obj(_ATTACK), "type": ["object", "null"]},
 })
 _MEMORIZATION_KEYS = (
     "dcr_share_closer_to_train", "dcr_train_median", "dcr_holdout_median", "dcr_train_subset_median", "nndr_median",
@@ -430,9 +433,18 @@ def write_markdown(report: dict[str, Any], out_dir: str | Path) -> Path:
     ]
     if m.get("mia"):
         lines += [
-            f"| membership inference AUC (loss attack) | {_fmt(m['mia']['mia_auc'])} | 0.5 |",
-            f"| membership inference TPR at 1% FPR | {_fmt(m['mia']['mia_tpr_at_1pct_fpr'])} | 0.01 |",
+            f"| membership inference AUC (loss attack, {int(m['mia']['mia_noise_draws'])} noise draws per timestep) "
+            f"| {_fmt(m['mia']['mia_auc'])} | 0.5 |",
+            f"| membership inference TPR at 0.1% / 1% FPR | {_fmt(m['mia']['mia_tpr_at_0p1pct_fpr'])} / "
+            f"{_fmt(m['mia']['mia_tpr_at_1pct_fpr'])} | 0.001 / 0.01 |",
         ]
+        calibrated = m["mia"].get("calibrated")
+        if calibrated:
+            lines += [
+                f"| calibrated attack AUC (loss reduction from the public base) | {_fmt(calibrated['mia_auc'])} | 0.5 |",
+                f"| calibrated attack TPR at 0.1% / 1% FPR | {_fmt(calibrated['mia_tpr_at_0p1pct_fpr'])} / "
+                f"{_fmt(calibrated['mia_tpr_at_1pct_fpr'])} | 0.001 / 0.01 |",
+            ]
     else:
         lines.append("| membership inference | not run (no generator) | |")
     if m.get("mia"):

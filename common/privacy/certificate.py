@@ -231,7 +231,8 @@ def verify_certificate(certificate: dict[str, Any]) -> list[str]:
 
 def verify_release(directory: str | Path) -> list[str]:
     """A bundle or run directory: its certificate, and that its config and weights are the certified ones."""
-    from common.bundle import WEIGHTS, latest_checkpoint, sha256_file
+    from common.bundle import WEIGHTS, latest_checkpoint
+    from common.hashing import sha256_file
 
     directory = Path(directory)
     path = directory / "privacy.json"

@@ -1,4 +1,4 @@
-"""Cold and warm load times of PTB-XL through common.data.ptbxl.load_dataset.
+"""Cold and warm load times of PTB-XL through common.data.dataset.load_dataset.
 
     python -m simulations.benchmarks.bench_data [--root DIR] [--records N]
 
@@ -17,7 +17,8 @@ import time
 from pathlib import Path
 
 from common.config import DataConfig
-from common.data.ptbxl import load_dataset, load_metadata
+from common.data.dataset import load_dataset
+from common.data.metadata import load_metadata
 
 
 def main() -> None:

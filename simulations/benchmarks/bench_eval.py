@@ -24,9 +24,10 @@ import numpy as np
 import torch
 
 from common.config import DataConfig, EvaluationConfig
-from common.data.ptbxl import Normalizer, load_dataset
+from common.data.dataset import load_dataset
 from common.evaluation import clinical, fidelity, memorization, utility
 from common.evaluation.pipeline import resolve_settings, split_folds
+from common.normalization import Normalizer
 
 
 def _root(arg: str | None) -> str:

@@ -26,21 +26,15 @@ from simulations.benchmarks.isolated import run_isolated
 
 def _site_data(cfg, site_index: int, records: int | None):
     from client.site import load_site
+    from common.data.partition import count_sites
     from common.normalization import federated_normalizer
     from common.train import TrainingData
 
-    site = load_site(cfg, {"partition-id": site_index, "num-partitions": _num_sites(cfg)})
+    site = load_site(cfg, {"partition-id": site_index, "num-partitions": count_sites(cfg)})
     data = TrainingData.from_dataset(site.train, federated_normalizer())
     if records:
         data = TrainingData(data.signals[:records], data.labels[:records], data.demographics[:records])
     return data
-
-
-def _num_sites(cfg) -> int:
-    from common.data.partition import make_partition
-    from common.data.ptbxl import load_metadata
-
-    return len(make_partition(load_metadata(cfg.data), cfg.partition).sites)
 
 
 def export_cache(cfg, path: Path, site_index: int, records: int) -> None:

@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 
 from common.config import DataConfig
-from common.data.ptbxl import DataError, load_dataset, load_metadata, read_metadata
+from common.data.dataset import load_dataset
+from common.data.errors import DataError
+from common.data.metadata import load_metadata, read_metadata
 from tests.fixtures_ptbxl import HEADER_LEADS, TinyPtbxl, derive12, write_metadata, write_record
 
 
@@ -97,7 +99,7 @@ def test_bad_input_is_a_clear_error(tiny_ptbxl, tmp_path, damage, ecg_id, messag
 @pytest.mark.parametrize("damage, ecg_id, message", CASES, ids=[c[0].__name__ for c in CASES])
 def test_bad_input_is_skipped_and_logged_on_request(tiny_ptbxl, tmp_path, caplog, damage, ecg_id, message):
     damage(tiny_ptbxl)
-    with caplog.at_level(logging.WARNING, logger="common.data.ptbxl"):
+    with caplog.at_level(logging.WARNING, logger="common.data"):
         ds = load_dataset(config(tiny_ptbxl, tmp_path, on_bad_record="skip"), progress=False)
     assert ecg_id not in ds.ecg_ids.tolist() and len(ds) == 39
     assert f"skipped 1 bad record(s)" in caplog.text and f"[{ecg_id}]" in caplog.text
@@ -111,7 +113,7 @@ def test_skip_collects_every_bad_record_and_the_warm_load_reports_them_again(tin
         damage(tiny_ptbxl)
     bad = {ecg_id for _, ecg_id, _ in CASES}
     cfg = config(tiny_ptbxl, tmp_path, on_bad_record="skip")
-    with caplog.at_level(logging.WARNING, logger="common.data.ptbxl"):
+    with caplog.at_level(logging.WARNING, logger="common.data"):
         ds = load_dataset(cfg, progress=False)
         assert set(ds.ecg_ids.tolist()) == set(range(1, 41)) - bad
         caplog.clear()

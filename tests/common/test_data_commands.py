@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from common.data.metadata import read_metadata
 from common.data.partition import Partition
-from common.data.ptbxl import read_metadata
 from simulations import data_commands
 from tests.fixtures_ptbxl import MirrorServer, build_mirror
 
@@ -120,9 +120,3 @@ def test_verify_the_real_data(shared_ptbxl, capsys):
     assert run(["data", "verify", str(shared_ptbxl), "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "records       6000" in out and "12000 files listed in SHA256SUMS.txt, 0 problem(s)" in out
-
-
-def test_the_cli_default_mirror_is_the_fetchers():
-    from common.data.fetch import DEFAULT_BASE_URL
-
-    assert data_commands.DEFAULT_BASE_URL == DEFAULT_BASE_URL

@@ -12,7 +12,8 @@ import pytest
 
 from common.config import DataConfig
 from common.data.fetch import FetchError, fetch, read_sha256sums, verify_checksums
-from common.data.ptbxl import check_structure, load_dataset
+from common.data.dataset import load_dataset
+from common.data.verify import check_structure
 from tests.fixtures_ptbxl import MirrorServer, TinyPtbxl, build_mirror, records_requested
 
 

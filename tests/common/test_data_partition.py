@@ -9,6 +9,8 @@ import pandas as pd
 import pytest
 
 from common.config import PartitionConfig
+from common.data.labels import SUPERCLASSES
+from common.data.metadata import read_metadata
 from common.data.partition import (
     Partition,
     PartitionError,
@@ -17,7 +19,6 @@ from common.data.partition import (
     one_record_per_patient,
     training_ids,
 )
-from common.data.ptbxl import SUPERCLASSES, read_metadata
 
 SCHEMES = ["site", "iid", "dirichlet", "age"]
 CODE_MENU = [{"NORM": 100.0}, {"IMI": 100.0}, {"NDT": 100.0}, {"CLBBB": 100.0}, {"LVH": 100.0}, {"SR": 0.0},

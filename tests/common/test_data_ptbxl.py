@@ -12,21 +12,14 @@ import torch
 import wfdb
 
 from common.config import DataConfig
-from common.data import ptbxl
-from common.data.ptbxl import (
-    MODEL_LEADS,
-    SUPERCLASSES,
-    DataError,
-    Normalizer,
-    demographics_from_request,
-    derive_leads,
-    encode_demographics,
-    load_dataset,
-    read_metadata,
-    read_scp_statements,
-    resolve_root,
-    select_model_leads,
-)
+from common.data import cache, records
+from common.data.dataset import load_dataset
+from common.data.demographics import demographics_from_request, encode_demographics
+from common.data.errors import DataError
+from common.data.labels import SUPERCLASSES
+from common.data.leads import MODEL_LEADS, derive_leads, select_model_leads
+from common.data.metadata import read_metadata, read_scp_statements, resolve_root
+from common.normalization import Normalizer
 from common.scp import SCP_CODES
 from tests.fixtures_ptbxl import TinyPtbxl, derive12, make_tiny_ptbxl, scp_rows, write_metadata, write_record
 
@@ -251,18 +244,18 @@ def test_record_only_at_500_hz_is_resampled_to_100_hz(tmp_path):
 
 def count_record_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     reads: list[str] = []
-    real = ptbxl._read_record
+    real = records._read_record
 
     def counting(root, column, rel, target_rate):
         reads.append(rel)
         return real(root, column, rel, target_rate)
 
-    monkeypatch.setattr(ptbxl, "_read_record", counting)
+    monkeypatch.setattr(records, "_read_record", counting)
     return reads
 
 
 def test_warm_load_comes_from_the_cache(tiny_ptbxl, tmp_path, monkeypatch):
-    monkeypatch.setattr(ptbxl, "_RACY_SECONDS", 0.0)  # key by file times only, as for files not just written
+    monkeypatch.setattr(cache, "_RACY_SECONDS", 0.0)  # key by file times only, as for files not just written
     reads = count_record_reads(monkeypatch)
     cfg = config(tiny_ptbxl, tmp_path)
     cold = load_dataset(cfg, progress=False)
@@ -278,9 +271,9 @@ def test_warm_load_comes_from_the_cache(tiny_ptbxl, tmp_path, monkeypatch):
     assert len(reads) == 42
 
 
-@pytest.mark.parametrize("racy_seconds", [0.0, ptbxl._RACY_SECONDS])
+@pytest.mark.parametrize("racy_seconds", [0.0, cache._RACY_SECONDS])
 def test_record_changed_in_place_invalidates_the_cache(tiny_ptbxl, tmp_path, monkeypatch, racy_seconds):
-    monkeypatch.setattr(ptbxl, "_RACY_SECONDS", racy_seconds)
+    monkeypatch.setattr(cache, "_RACY_SECONDS", racy_seconds)
     reads = count_record_reads(monkeypatch)
     cfg = config(tiny_ptbxl, tmp_path)
     before = load_dataset(cfg, progress=False)

@@ -13,7 +13,10 @@ import wfdb
 
 from common.config import DataConfig, PartitionConfig
 from common.data.partition import make_partition
-from common.data.ptbxl import MODEL_LEADS, SCP_SUPERCLASS, SUPERCLASSES, ECGDataset, load_dataset, read_metadata
+from common.data.dataset import ECGDataset, load_dataset
+from common.data.labels import SCP_SUPERCLASS, SUPERCLASSES
+from common.data.leads import MODEL_LEADS
+from common.data.metadata import read_metadata
 from common.scp import SCP_CODES
 
 pytestmark = pytest.mark.shared_data

@@ -111,7 +111,8 @@ def test_demographic_predictors_learn_a_planted_signal(one_torch_thread):
 @pytest.fixture(scope="module")
 def real_records(shared_ptbxl):
     from common.config import DataConfig
-    from common.data.ptbxl import load_dataset, read_metadata
+    from common.data.dataset import load_dataset
+    from common.data.metadata import read_metadata
 
     meta = read_metadata(shared_ptbxl)
     rng = np.random.default_rng(0)
@@ -154,7 +155,7 @@ def test_delineation_of_real_records_lies_in_physiological_ranges(real_records):
 
 
 def test_stored_real_twelve_leads_are_nearly_einthoven_consistent(shared_ptbxl, real_records):
-    from common.data.ptbxl import LEAD_NAMES
+    from common.data.leads import LEAD_NAMES
     from common.evaluation.pipeline import read_stored_leads
 
     stored = read_stored_leads(shared_ptbxl, real_records.meta.iloc[:40], LEAD_NAMES)

@@ -103,7 +103,8 @@ def test_loss_attack_on_a_model_that_never_saw_the_members_is_at_chance(one_torc
 
 def test_site_memorization_metrics_returns_only_scalars(tmp_path, one_torch_thread):
     from common.config import DataConfig
-    from common.data.ptbxl import Normalizer, load_dataset
+    from common.data.dataset import load_dataset
+    from common.normalization import Normalizer
 
     real_root, _ = make_eval_folders(tmp_path, n_real=36, n_synthetic=4)
     data = load_dataset(DataConfig(root=str(real_root), cache_dir=str(tmp_path / "cache")), progress=False)

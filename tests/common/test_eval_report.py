@@ -117,8 +117,9 @@ def write_tiny_bundle(out: Path, real: Path) -> Path:
 
     from common.bundle import WEIGHTS, save_weights, write_bundle
     from common.config import DataConfig, from_dict, to_dict
-    from common.data.ptbxl import Normalizer, load_dataset
+    from common.data.dataset import load_dataset
     from common.model.denoiser import build_denoiser
+    from common.normalization import Normalizer
 
     cfg = from_dict({"model": {"size": "tiny"}, "diffusion": {"timesteps": 20, "sample_steps": 2}})
     torch.manual_seed(0)

@@ -105,7 +105,8 @@ def test_low_data_regime_uses_nested_real_subsets(one_torch_thread):
 @pytest.mark.shared_data
 def test_trtr_on_real_records_is_well_above_chance(shared_ptbxl, one_torch_thread):
     from common.config import DataConfig
-    from common.data.ptbxl import load_dataset, read_metadata
+    from common.data.dataset import load_dataset
+    from common.data.metadata import read_metadata
 
     meta = read_metadata(shared_ptbxl)
     rng = np.random.default_rng(0)

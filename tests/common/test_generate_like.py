@@ -12,7 +12,10 @@ import torch
 
 from common.bundle import build_generator
 from common.config import DataConfig, from_dict
-from common.data.ptbxl import Normalizer, demographics_from_metadata, load_dataset, read_metadata, read_metadata_table
+from common.data.dataset import load_dataset
+from common.data.demographics import demographics_from_metadata
+from common.data.metadata import read_metadata, read_metadata_table
+from common.normalization import Normalizer
 from common.generate import LIKE_COLUMNS, sample_like
 from common.model.denoiser import build_denoiser
 from common.scp import SCP_CODES

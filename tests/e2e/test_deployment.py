@@ -15,19 +15,15 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
-from common.data.ptbxl import DataError
+from common.data.errors import DataError
 from common.privacy import verify_release
-from simulations.deploy_loopback import (
-    DeploymentError,
-    ProcessId,
-    Supervisor,
-    main,
-    run_loopback_deployment,
-    stage_app,
-    write_toml_table,
-)
+from simulations.deploy.flower import DeploymentError, stage_app, write_toml_table
+from simulations.deploy.runs import run_loopback_deployment
+from simulations.deploy.supervisor import ProcessId, Supervisor
+from simulations.deploy_loopback import main
 from tests.fixtures_ptbxl import SHARED_PTBXL
 
 PROJECT = Path(__file__).resolve().parents[2]
@@ -42,13 +38,12 @@ def ptbxl_for_e2e(request: pytest.FixtureRequest) -> Path:
 
 
 def still_running(proc: ProcessId) -> bool:
-    """Written apart from the module under test: same pid, same start time, not a zombie."""
+    """Written apart from the module under test: same pid, same creation time, not a zombie."""
     try:
-        text = Path(f"/proc/{proc.pid}/stat").read_text()
-    except OSError:
+        handle = psutil.Process(proc.pid)
+        return handle.create_time() == proc.create_time and handle.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
         return False
-    fields = text[text.rindex(")") + 2 :].split()
-    return int(fields[19]) == proc.start_ticks and fields[0] not in ("Z", "X")
 
 
 def check_federated_run(run_dir: Path, rounds: int, num_sites: int) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from simulations.deploy_loopback import run_flwr_local_simulation
+from simulations.deploy.runs import run_flwr_local_simulation
 from tests.e2e.test_deployment import CONFIG, PROJECT, check_federated_run, ptbxl_for_e2e, still_running
 
 

@@ -104,7 +104,7 @@ def test_bundle_export_verify_and_sample(federation, _tiny_ptbxl_template):
     assert liked.returncode == 0, liked.stderr
     # The synthetic cohort is a PTB-XL folder with synthetic ids, readable by the project's own data layer.
     from common.config import DataConfig
-    from common.data.ptbxl import load_dataset
+    from common.data.dataset import load_dataset
 
     synthetic = load_dataset(DataConfig(root=str(like), cache_dir=str(federation["base"] / "cache")), progress=False)
     assert list(synthetic.ecg_ids) == [1, 2, 3]
@@ -116,7 +116,7 @@ def test_a_bundle_with_other_weights_and_a_regenerated_manifest_is_refused(feder
     other = federation["interrupted"] / "checkpoints" / "round_0002" / "model.safetensors"
     shutil.copy(other, bundle / "model.safetensors")
     manifest = json.loads((bundle / "manifest.json").read_text())
-    from common.bundle import sha256_file
+    from common.hashing import sha256_file
 
     manifest["files"]["model.safetensors"] = sha256_file(bundle / "model.safetensors")
     (bundle / "manifest.json").write_text(json.dumps(manifest))
@@ -171,3 +171,27 @@ def test_privacy_verify_catches_a_tampered_certificate(federation):
     certificate = json.loads((federation["straight"] / "privacy.json").read_text())
     certificate["sites"][0]["noise_multiplier"] *= 2
     assert any("calibrated" in p for p in verify_certificate(certificate))
+
+
+def test_privacy_audit_command_plants_scores_and_reports(_tiny_ptbxl_template, tmp_path):
+    config = tiny_run_config(_tiny_ptbxl_template.root, tmp_path, federation={"rounds": 2, "local_steps": 2, "min_sites": 2})
+    out = tmp_path / "audit"
+    audited = _fedecg("privacy", "audit", "--config", str(config), "--pairs", "4", "--set", "audit.kinds=[ood]",
+                      "--set", "audit.noise_draws=1", "--out", str(out))
+    assert audited.returncode == 0, audited.stderr[-3000:]
+    assert "empirical epsilon lower bound" in audited.stdout and "certified epsilon" in audited.stdout
+    report = json.loads((out / "run" / "audit.json").read_text())
+    certificate = json.loads((out / "run" / "privacy.json").read_text())
+    assert report["certified_epsilon"] == certificate["release"]["epsilon"]
+    assert report["bound"]["slots"] == 8 and sorted(report["sites"]) == ["iid-0", "iid-1"]
+    assert 0.0 <= report["empirical_epsilon_lower_bound"] < report["certified_epsilon"]
+    # The coins stay at the sites: each site's state directory holds them, the server's run directory not.
+    coin_files = sorted((out / "sites").glob("*/audit/*.json"))
+    assert len(coin_files) == 2
+    entropy = json.loads(coin_files[0].read_text())["entropy"]
+    assert all(str(entropy) not in p.read_text() for p in (out / "run").rglob("*") if p.suffix in (".json", ".csv", ".txt"))
+    # Each site declared N = its records + one per slot, the N the certificate publishes.
+    assert all(s["num_records"] > 4 for s in certificate["sites"])
+    bundle = export_bundle(out / "run", tmp_path / "bundle")
+    card = (bundle / "MODEL_CARD.md").read_text()
+    assert "Empirical privacy audit" in card and (bundle / "audit.json").is_file()

@@ -1,0 +1,338 @@
+"""The two loopback runs, around one skeleton: stage, start, watch, check, and always stop everything by pid.
+
+Deployment: a SuperLink and one SuperNode per site, then `flwr run APP fedecg-loopback`. Local simulation:
+`flwr run . local-simulation`, and afterwards the SuperLink it leaves behind (plus its Ray processes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from common.config import Config, ConfigError, load
+from common.run_dir import default_run_dir, read_latest
+from simulations.deploy.flower import (
+    CONNECTION,
+    LOCAL_SIMULATION,
+    LOOPBACK,
+    DeploymentError,
+    flower_executable,
+    free_ports,
+    local_superlink,
+    process_environment,
+    run_status,
+    stage_app,
+    wait_for_health,
+    write_superlink_connection,
+    write_toml_table,
+)
+from simulations.deploy.supervisor import ProcessId, Supervisor, processes_mentioning
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class FlowerRunResult:
+    run_dir: Path
+    mode: str  # deployment | local-simulation
+    status: str  # Flower's final run status, e.g. finished:completed
+    seconds: float  # from the first process start to the end of the run (clean-up excluded)
+    num_sites: int
+    superlink: str  # host:port of the SuperLink's HTTP API (Control, Fleet, runtime), closed by now
+    started: dict[str, ProcessId]  # name -> each process started (or, for the local SuperLink, adopted) here
+    processes: dict[ProcessId, str]  # every process started or seen -> the name it was found under; all stopped
+    log_dir: Path
+
+
+@dataclass(frozen=True)
+class StagedRun:
+    """Everything both modes need before a process starts; Flower's processes read only absolute paths."""
+
+    config_path: Path
+    overrides: list[str]  # with absolute data and cache locations appended
+    cfg: Config
+    data_root: Path
+    num_sites: int
+    run_dir: Path
+    app: Path  # the staged copy of the Flower app
+    run_config: Path  # the --run-config TOML file
+
+
+@dataclass
+class Launch:
+    """What one mode adds to the skeleton in `_run`."""
+
+    mode: str  # FlowerRunResult.mode
+    supervisor: Supervisor
+    connection: str  # the flwr CLI connection that `flwr ls` asks
+    superlink: str  # host:port, for FlowerRunResult.superlink
+    start: Callable[[], None]  # starts every process, `flwr run --stream` (named flwr-run) last
+    watched: list[str]  # processes whose death ends the run early
+    log_label: str  # how the flwr-run log is named in an error
+    poll: Callable[[], None] = lambda: None  # adopts processes started outside our process tree
+    close: Callable[[], None] = lambda: None  # releases what the mode made, once everything is stopped
+
+
+def _resolved_inputs(
+    config_path: str | Path, overrides: Sequence[str], data_root: str | Path | None
+) -> tuple[Path, list[str], Config, Path]:
+    """Absolute config path, overrides with absolute data/cache locations, the loaded config, the data root.
+
+    Flower's app processes run in other working directories, so every path they read must be absolute.
+    """
+    from common.data.metadata import resolve_root
+
+    config_path = Path(config_path).resolve()
+    overrides = list(overrides)
+    for text in overrides:
+        if ";" in text:
+            raise ConfigError(f"override {text!r}: ';' separates overrides in Flower's run config, so values cannot hold it")
+    cfg = load(config_path, overrides)
+    root = resolve_root(dataclasses.replace(cfg.data, root=str(data_root) if data_root else cfg.data.root))
+    overrides.append(f"data.root={root}")
+    for key, value in (("data.cache_dir", cfg.data.cache_dir), ("federation.site_state_dir", cfg.federation.site_state_dir)):
+        path = Path(value).expanduser()
+        if not path.is_absolute():
+            overrides.append(f"{key}={path.resolve()}")
+    return config_path, overrides, load(config_path, overrides), root
+
+
+def _prepare_run_dir(run_dir: str | Path | None, cfg: Config, mode: str) -> Path:
+    from common.bundle import latest_checkpoint
+
+    if run_dir is None:
+        run_dir = default_run_dir(cfg, mode)
+    run_dir = Path(run_dir).resolve()
+    if latest_checkpoint(run_dir) is not None:
+        raise FileExistsError(f"{run_dir} already holds a run; choose a new run directory")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def _stage_run(
+    config_path: str | Path, overrides: Sequence[str], data_root: str | Path | None,
+    run_dir: str | Path | None, project: str | Path, label: str,
+) -> StagedRun:
+    from common.data.partition import count_sites
+
+    config_path, overrides, cfg, root = _resolved_inputs(config_path, overrides, data_root)
+    num_sites = count_sites(cfg)
+    run_dir = _prepare_run_dir(run_dir, cfg, label)
+    app = stage_app(Path(project), run_dir / ".flwr" / "app")
+    run_config = write_toml_table(
+        run_dir / ".flwr" / "run_config.toml",
+        {"config-path": str(config_path), "overrides": ";".join(overrides), "run-dir": str(run_dir)},
+    )
+    return StagedRun(config_path, overrides, cfg, root, num_sites, run_dir, app, run_config)
+
+
+def _rounds_done(run_dir: Path) -> int:
+    try:
+        return int((read_latest(run_dir) or "").rsplit("_", 1)[-1])  # the ServerApp names them round_NNNN
+    except (OSError, ValueError):
+        return 0
+
+
+def _watch_run(launch: Launch, run_dir: Path, rounds: int, deadline: float, progress: bool) -> None:
+    """Wait for `flwr run --stream` to return, failing early when a Flower process dies; tqdm over rounds."""
+    from tqdm import tqdm
+
+    supervisor = launch.supervisor
+    stream = supervisor.popens["flwr-run"]
+    with tqdm(total=rounds, desc="federated rounds", unit="round", disable=not progress) as bar:
+        while stream.poll() is None:
+            launch.poll()
+            supervisor.refresh()
+            died = supervisor.exited(launch.watched)
+            if died:
+                name, code = died[0]
+                raise DeploymentError(f"{name} exited with code {code} during the run:\n{supervisor.log_tail(name)}")
+            if time.monotonic() > deadline:
+                raise DeploymentError(
+                    f"the run did not finish in time; the last log lines:\n{supervisor.log_tail('flwr-run')}"
+                )
+            done = min(_rounds_done(run_dir), rounds)
+            if done > bar.n:
+                bar.update(done - bar.n)
+            time.sleep(0.5)
+        bar.update(min(_rounds_done(run_dir), rounds) - bar.n)
+    if stream.returncode != 0:
+        raise DeploymentError(f"`flwr run` exited with code {stream.returncode}:\n{supervisor.log_tail('flwr-run')}")
+
+
+def _check_outputs(run_dir: Path, cfg: Config) -> None:
+    from common.bundle import latest_checkpoint
+
+    if latest_checkpoint(run_dir) is None:
+        raise DeploymentError(f"{run_dir}: the run finished but wrote no checkpoint")
+    if cfg.privacy.enabled:
+        certificate = run_dir / "privacy.json"
+        if not certificate.is_file():
+            raise DeploymentError(f"{run_dir}: DP was on but the run wrote no privacy.json")
+        from common.privacy import verify_release
+
+        problems = verify_release(run_dir)
+        if problems:
+            raise DeploymentError(f"{certificate}: the certificate does not verify: {'; '.join(problems)}")
+
+
+def _finish(supervisor: Supervisor, error: BaseException | None) -> dict[ProcessId, str]:
+    """Stop everything; a DeploymentError on its way out learns which processes there were."""
+    survivors = supervisor.stop_all()
+    processes = dict(supervisor.seen)
+    if isinstance(error, DeploymentError):
+        error.processes = processes
+    if survivors and error is None:
+        failure = DeploymentError(f"processes still running after SIGKILL: {[p.pid for p in survivors]}")
+        failure.processes = processes
+        raise failure
+    return processes
+
+
+def _run(staged: StagedRun, launch: Launch, timeout_s: float, progress: bool) -> FlowerRunResult:
+    """Start the mode's processes, watch the run to its end, check its outputs; stop everything whatever happens."""
+    supervisor = launch.supervisor
+    started = time.monotonic()
+    deadline = started + timeout_s
+    error: BaseException | None = None
+    try:
+        launch.start()
+        _watch_run(launch, staged.run_dir, staged.cfg.federation.rounds, deadline, progress)
+        launch.poll()
+        status, details = run_status(supervisor, launch.connection, flower_executable("flwr"), deadline)
+        if status != "finished:completed":
+            raise DeploymentError(
+                f"the run ended as {status!r} {details}; {launch.log_label}:\n{supervisor.log_tail('flwr-run')}"
+            )
+        seconds = time.monotonic() - started
+        _check_outputs(staged.run_dir, staged.cfg)
+    except BaseException as err:
+        error = err
+        raise
+    finally:
+        try:
+            launch.poll()
+            processes = _finish(supervisor, error)
+        finally:
+            launch.close()
+    return FlowerRunResult(
+        staged.run_dir, launch.mode, status, seconds, staged.num_sites, launch.superlink, dict(supervisor.roots),
+        processes, supervisor.log_dir,
+    )
+
+
+def _deployment(staged: StagedRun, timeout_s: float) -> Launch:
+    """A SuperLink and one SuperNode per site on 127.0.0.1, each with its own FLWR_HOME (FAB installs never race)."""
+    flwr_homes = staged.run_dir / ".flwr"
+    link_port, *node_ports = free_ports(1 + staged.num_sites)
+    cli_home = flwr_homes / "cli"
+    write_superlink_connection(cli_home, CONNECTION, f"{LOOPBACK}:{link_port}")
+    supervisor = Supervisor(staged.run_dir / "logs", process_environment(cli_home), Path.cwd())
+
+    def start() -> None:
+        supervisor.start("superlink", [
+            flower_executable("flower-superlink"), "--insecure", "--isolation", "subprocess",
+            "--disable-runtime-dependency-installation", "--host", LOOPBACK, "--port", str(link_port),
+        ], process_environment(flwr_homes / "superlink"))
+        wait_for_health(link_port, supervisor, "superlink", timeout_s=min(60.0, timeout_s))
+        for site, port in enumerate(node_ports):
+            node_config = write_toml_table(
+                flwr_homes / f"node_config_{site}.toml",
+                {"site": site, "data-root": str(staged.data_root), "state-dir": staged.cfg.federation.site_state_dir},
+            )
+            node_env = process_environment(flwr_homes / f"supernode-{site}")
+            # All sites share this machine: one site's torch threads should not fight another's for cores.
+            node_env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // staged.num_sites)))
+            supervisor.start(f"supernode-{site}", [
+                flower_executable("flower-supernode"), "--insecure", "--superlink", f"{LOOPBACK}:{link_port}",
+                "--isolation", "subprocess", "--host", LOOPBACK, "--port", str(port),
+                "--node-config", str(node_config),
+            ], node_env)
+        supervisor.start("flwr-run", [
+            flower_executable("flwr"), "run", str(staged.app), CONNECTION,
+            "--run-config", str(staged.run_config), "--stream",
+        ])
+
+    watched = ["superlink", *[f"supernode-{i}" for i in range(staged.num_sites)]]
+    return Launch("deployment", supervisor, CONNECTION, f"{LOOPBACK}:{link_port}", start, watched, "ServerApp log")
+
+
+def _local_simulation(staged: StagedRun) -> Launch:
+    """`flwr run . local-simulation` in the staged app, its local SuperLink on ports chosen here."""
+    flwr_home = staged.run_dir / ".flwr" / "cli"
+    # Ray's socket paths must stay under 107 bytes, so its folder is short and in /tmp; unique, so that
+    # any Ray process of this run can be recognised by it.
+    ray_tmp = Path(tempfile.mkdtemp(prefix="fedecg-ray-", dir="/tmp"))
+    http_port, control_port = free_ports(2)
+    env = process_environment(flwr_home, ray_tmp)
+    env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"] = str(http_port)
+    env["FLWR_LOCAL_CONTROL_API_PORT"] = str(control_port)
+    supervisor = Supervisor(staged.run_dir / "logs", env, staged.app)
+    cpus = max(1, int(staged.cfg.federation.num_cpus_per_site))
+    # The connection `flwr run . local-simulation` names; if pyproject.toml still has [tool.flwr.federations],
+    # Flower's migration rewrites it with the same local address.
+    write_superlink_connection(flwr_home, LOCAL_SIMULATION, ":local:")
+
+    def start() -> None:
+        supervisor.start("flwr-run", [
+            flower_executable("flwr"), "run", ".", LOCAL_SIMULATION, "--run-config", str(staged.run_config),
+            "--federation-config", f"num-supernodes={staged.num_sites} client-resources-num-cpus={cpus}", "--stream",
+        ])
+
+    def adopt_new() -> None:
+        if "local-superlink" not in supervisor.roots:
+            for proc in local_superlink(flwr_home):
+                supervisor.adopt("local-superlink", proc)
+        for proc in processes_mentioning(str(ray_tmp)):
+            if proc not in supervisor.seen:
+                supervisor.adopt(f"ray-{proc.pid}", proc)
+
+    return Launch(
+        "local-simulation", supervisor, LOCAL_SIMULATION, f"{LOOPBACK}:{http_port}", start, ["local-superlink"], "log",
+        poll=adopt_new, close=lambda: shutil.rmtree(ray_tmp, ignore_errors=True),
+    )
+
+
+def run_loopback_deployment(
+    config_path: str | Path,
+    overrides: Sequence[str] = (),
+    data_root: str | Path | None = None,
+    run_dir: str | Path | None = None,
+    project: str | Path = PROJECT_ROOT,
+    timeout_s: float = 600.0,
+    progress: bool = True,
+) -> FlowerRunResult:
+    """SuperLink + one SuperNode per site on 127.0.0.1, `flwr run` of the fedecg app, then everything stopped.
+
+    Each SuperNode gets node_config `site` (its index), `data-root` and `state-dir`. Raises DeploymentError
+    (after stopping every process) if a process dies, the run fails or times out, or outputs are missing.
+    """
+    staged = _stage_run(config_path, overrides, data_root, run_dir, project, "loopback")
+    return _run(staged, _deployment(staged, timeout_s), timeout_s, progress)
+
+
+def run_flwr_local_simulation(
+    config_path: str | Path,
+    overrides: Sequence[str] = (),
+    data_root: str | Path | None = None,
+    run_dir: str | Path | None = None,
+    project: str | Path = PROJECT_ROOT,
+    timeout_s: float = 600.0,
+    progress: bool = True,
+) -> FlowerRunResult:
+    """`flwr run . local-simulation` on a staged copy of the app, then the SuperLink it leaves behind stopped.
+
+    The local SuperLink listens on ports chosen here (FLWR_LOCAL_SUPERLINK_HTTP_API_PORT and
+    FLWR_LOCAL_CONTROL_API_PORT), so it never meets another user's local SuperLink on Flower's default ports.
+    """
+    staged = _stage_run(config_path, overrides, data_root, run_dir, project, "flwr-run")
+    result = _run(staged, _local_simulation(staged), timeout_s, progress)
+    if "local-superlink" not in result.started:
+        raise DeploymentError(f"the run finished but no local SuperLink was found for FLWR_HOME={result.run_dir / '.flwr' / 'cli'}")
+    return result
