@@ -19,7 +19,7 @@ DEMO_BUNDLE ?= runs/quickstart-bundle
 # The demo's simulated sites keep their ledgers apart from real runs'; `make demo` resets them explicitly.
 DEMO_SITES ?= .fedecg/demo-sites
 
-.PHONY: setup demo test bench quality clean
+.PHONY: setup demo test test-fast bench quality clean
 
 setup: $(STAMP)
 
@@ -54,7 +54,11 @@ demo: setup data-check
 	@cat "$(DEMO_RUN)/epsilon_table.txt"
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
+
+# Unit tests only (no Flower engines, no end-to-end evaluations): about a minute on 2 quiet cores.
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow" --durations=10
 
 bench: setup
 	$(PY) -m simulations.benchmarks.bench_model --size small --batch 32

@@ -26,7 +26,12 @@ from common.data.dataset import load_dataset
 from common.data.metadata import load_metadata
 from common.data.partition import make_partition
 from common.diffusion import GaussianDiffusion
-from common.evaluation.canaries import CanarySet, build_canaries, draw_coins, score_canaries
+from common.evaluation.canaries import (
+    CanarySet,
+    build_canaries,
+    draw_coins,
+    score_canaries,
+)
 from common.evaluation.memorization import attack_metrics
 from common.model.denoiser import build_denoiser
 from common.normalization import federated_normalizer
@@ -96,5 +101,5 @@ def audit_summary(cfg: Config, final_state: dict[str, torch.Tensor], initial: di
         out[f"audit-correct-{j}"] = float(correct)
     members, held_out = scores.member_scores(coins)
     attack = attack_metrics(members, held_out)
-    out.update({f"audit-{k}": v for k, v in attack.items() if k.startswith("mia_auc") or k.startswith("mia_tpr")})
+    out.update({f"audit-{k}": v for k, v in attack.items() if k.startswith(("mia_auc", "mia_tpr"))})
     return out

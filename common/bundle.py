@@ -86,8 +86,10 @@ def read_checkpoint(directory: str | Path) -> tuple[dict[str, torch.Tensor], Con
 
 
 @dataclass
-class Generator:
-    """Everything needed to sample: config, denoiser (eval mode), schedule and normalization."""
+class ECGGenerator:
+    """Everything needed to sample ECGs: config, denoiser (eval mode), schedule and normalization.
+
+    Named apart from torch.Generator, the random-number stream the samplers also take."""
 
     cfg: Config
     model: nn.Module
@@ -96,13 +98,13 @@ class Generator:
     source: Path
 
 
-def build_generator(cfg: Config, state: dict[str, torch.Tensor], normalizer: Normalizer, source: Path) -> Generator:
+def build_generator(cfg: Config, state: dict[str, torch.Tensor], normalizer: Normalizer, source: Path) -> ECGGenerator:
     model = build_denoiser(cfg.model)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise BundleError(f"{source}: weights do not fit the configured model (missing {missing}, unexpected {unexpected})")
     model.eval()
-    return Generator(cfg=cfg, model=model, diffusion=GaussianDiffusion(cfg.diffusion), normalizer=normalizer, source=source)
+    return ECGGenerator(cfg=cfg, model=model, diffusion=GaussianDiffusion(cfg.diffusion), normalizer=normalizer, source=source)
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
@@ -114,7 +116,7 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return None
 
 
-def load_generator(path: str | Path) -> Generator:
+def load_generator(path: str | Path) -> ECGGenerator:
     """Load from a bundle (checksums verified), a checkpoint directory, or a run directory (its latest checkpoint)."""
     path = Path(path)
     if not path.exists():

@@ -28,7 +28,7 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class DataConfig:
     root: str | None = None  # PTB-XL root; falls back to $PTBXL_DIR
-    sampling_rate: int = 100  # the model runs at 100 Hz; 500 Hz records are resampled
+    sampling_rate: int = 100  # only 100 is accepted (see _ONLY); 500 Hz records are resampled to it
     on_bad_record: str = "error"  # error | skip
     cache_dir: str = ".cache/fedecg"  # relative paths resolve against the working directory
     max_records: int | None = None  # first N rows of the metadata (by ecg_id), for quick runs
@@ -214,6 +214,13 @@ _REFUSED = {
     },
 }
 
+# Keys with a single working value, and why: the key is kept so that configs state it explicitly.
+_ONLY = {
+    ("data", "sampling_rate"): (
+        100, "the model, sampler and evaluation run at 100 Hz, 1000 samples; 500 Hz records are resampled "
+             "to 100 Hz by the loader"),
+}
+
 
 def _coerce(value: Any, annotation: Any, where: str) -> Any:
     """Check `value` against a dataclass field annotation; convert only lossless cases (int->float, list->tuple)."""
@@ -284,6 +291,9 @@ def _build(raw: dict[str, Any], source: str) -> Config:
             kwargs[key] = _coerce(val, field_types[key], where)
             if (name, key) in _REFUSED and kwargs[key] in _REFUSED[(name, key)]:
                 raise ConfigError(f"{where}: {kwargs[key]!r} is refused: {_REFUSED[(name, key)][kwargs[key]]}")
+            if (name, key) in _ONLY and kwargs[key] != _ONLY[(name, key)][0]:
+                only, reason = _ONLY[(name, key)]
+                raise ConfigError(f"{where}: {kwargs[key]!r} is refused, only {only!r} works: {reason}")
             choices = _CHOICES.get((name, key))
             if choices and kwargs[key] not in choices:
                 raise ConfigError(f"{where}: {kwargs[key]!r} is not one of {sorted(choices)}")
@@ -349,8 +359,22 @@ def to_dict(cfg: Config) -> dict[str, Any]:
 
 
 def config_hash(cfg: Config) -> str:
-    canonical = json.dumps(to_dict(cfg), sort_keys=True, separators=(",", ":"))
+    """SHA256 of the resolved config without the keys at their default value.
+
+    Leaving defaults out keeps the hash of a config written before a key (or section) was added with a
+    default that keeps the old behaviour: certificates and bundles issued then still verify.
+    """
+    defaults = to_dict(Config())
+    changed = {name: {k: v for k, v in section.items() if v != defaults[name][k]} for name, section in to_dict(cfg).items()}
+    canonical = json.dumps({name: keys for name, keys in changed.items() if keys}, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def hash_matches(raw: dict[str, Any], sha256: str | None) -> bool:
+    """Whether `sha256` names this resolved config dict (`raw`, as embedded in a certificate or config.yaml):
+    by `config_hash`, or by the full-dict hash that releases before it used."""
+    full = json.dumps(raw, sort_keys=True, separators=(",", ":"))
+    return sha256 in (config_hash(from_dict(raw)), hashlib.sha256(full.encode()).hexdigest())
 
 
 def save(cfg: Config, directory: str | Path) -> Path:

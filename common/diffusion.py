@@ -32,7 +32,7 @@ eps = eps_u + s (eps_c - eps_u); s = 1 is the plain conditional model (no uncond
 from __future__ import annotations
 
 import math
-from typing import Callable, Protocol
+from typing import Any, Callable, Protocol
 
 import numpy as np
 import torch
@@ -87,6 +87,40 @@ def _draw(kind: str, shape: tuple[int, ...], generator: torch.Generator | None, 
     else:
         out = torch.randint(kw["high"], shape, generator=generator, device=source)
     return out.to(device)
+
+
+def _check_training_inputs(x0: Tensor, labels: Tensor, demographics: Tensor, mel_loss: Any, mel_weight: float,
+                           mel_target: str, cond_dropout: float, k: Any) -> None:
+    if x0.dim() != 3:
+        raise ValueError(f"training_losses: x0 must be [B, C, L], got {tuple(x0.shape)}")
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"training_losses: noise_multiplicity must be an integer >= 1, got {k!r}")
+    if not 0.0 <= cond_dropout <= 1.0:
+        raise ValueError(f"training_losses: cond_dropout must lie in [0, 1], got {cond_dropout}")
+    if mel_target not in MEL_TARGETS:
+        raise ValueError(f"training_losses: mel_target must be one of {MEL_TARGETS}, got {mel_target!r}")
+    if mel_weight < 0:
+        raise ValueError(f"training_losses: mel_weight must be >= 0, got {mel_weight}")
+    if mel_weight > 0 and mel_loss is None:
+        raise ValueError("training_losses: mel_weight > 0 needs a mel_loss")
+    batch = x0.shape[0]
+    if labels.shape[0] != batch or demographics.shape[0] != batch:
+        raise ValueError(
+            f"training_losses: labels {tuple(labels.shape)} and demographics {tuple(demographics.shape)} "
+            f"must have the batch size {batch} of x0"
+        )
+
+
+def _override_rows(value: Tensor | None, name: str, batch: int, k: int, per_row: tuple[int, ...],
+                   device: torch.device) -> Tensor | None:
+    """A caller's [B, K, ...] (or [B, ...] when K = 1) override as [B*K, ...] rows on `device`."""
+    if value is None:
+        return None
+    allowed = [(batch, k, *per_row)] + ([(batch, *per_row)] if k == 1 else [])
+    if tuple(value.shape) not in allowed:
+        shapes = " or ".join(map(str, allowed))
+        raise ValueError(f"training_losses: {name} must have shape {shapes}, got {tuple(value.shape)}")
+    return value.reshape(batch * k, *per_row).to(device)
 
 
 class GaussianDiffusion:
@@ -216,51 +250,13 @@ class GaussianDiffusion:
         t ([B, K] or [B] when K = 1), noise ([B, K, C, L] or [B, C, L]) and cond_keep (same layout as t)
         override the random draws, for tests and exact replays. Timesteps are uniform on [0, T).
         """
-        if x0.dim() != 3:
-            raise ValueError(f"training_losses: x0 must be [B, C, L], got {tuple(x0.shape)}")
-        batch = x0.shape[0]
-        k = noise_multiplicity
-        if not isinstance(k, int) or k < 1:
-            raise ValueError(f"training_losses: noise_multiplicity must be an integer >= 1, got {k!r}")
-        if not 0.0 <= cond_dropout <= 1.0:
-            raise ValueError(f"training_losses: cond_dropout must lie in [0, 1], got {cond_dropout}")
-        if mel_target not in MEL_TARGETS:
-            raise ValueError(f"training_losses: mel_target must be one of {MEL_TARGETS}, got {mel_target!r}")
-        if mel_weight < 0:
-            raise ValueError(f"training_losses: mel_weight must be >= 0, got {mel_weight}")
-        if mel_weight > 0 and mel_loss is None:
-            raise ValueError("training_losses: mel_weight > 0 needs a mel_loss")
-        if labels.shape[0] != batch or demographics.shape[0] != batch:
-            raise ValueError(
-                f"training_losses: labels {tuple(labels.shape)} and demographics {tuple(demographics.shape)} "
-                f"must have the batch size {batch} of x0"
-            )
-        rows = batch * k
-        device = x0.device
-
-        def rows_of(value: Tensor | None, name: str, per_row: tuple[int, ...]) -> Tensor | None:
-            if value is None:
-                return None
-            allowed = [(batch, k, *per_row)] + ([(batch, *per_row)] if k == 1 else [])
-            if tuple(value.shape) not in allowed:
-                shapes = " or ".join(map(str, allowed))
-                raise ValueError(f"training_losses: {name} must have shape {shapes}, got {tuple(value.shape)}")
-            return value.reshape(rows, *per_row).to(device)
-
-        t = rows_of(t, "t", ())
-        noise = rows_of(noise, "noise", tuple(x0.shape[1:]))
-        cond_keep = rows_of(cond_keep, "cond_keep", ())
-
+        _check_training_inputs(x0, labels, demographics, mel_loss, mel_weight, mel_target, cond_dropout, noise_multiplicity)
+        batch, k = x0.shape[0], noise_multiplicity
+        t, noise, cond_keep = (_override_rows(value, name, batch, k, per_row, x0.device) for value, name, per_row in
+                               ((t, "t", ()), (noise, "noise", tuple(x0.shape[1:])), (cond_keep, "cond_keep", ())))
         if k > 1:  # example-major: rows i*K .. i*K+K-1 are example i
-            x0 = x0.repeat_interleave(k, dim=0)
-            labels = labels.repeat_interleave(k, dim=0)
-            demographics = demographics.repeat_interleave(k, dim=0)
-        if t is None:
-            t = _draw("randint", (rows,), generator, device, high=self.num_timesteps)
-        if noise is None:
-            noise = _draw("randn", tuple(x0.shape), generator, device, dtype=x0.dtype)
-        if cond_keep is None and cond_dropout > 0:
-            cond_keep = (_draw("rand", (rows,), generator, device) >= cond_dropout).to(x0.dtype)
+            x0, labels, demographics = (v.repeat_interleave(k, dim=0) for v in (x0, labels, demographics))
+        t, noise, cond_keep = self._draw_missing(x0, t, noise, cond_keep, cond_dropout, generator)
 
         x_t = self.q_sample(x0, t, noise)
         output = model(x_t, t, labels, demographics, cond_keep)
@@ -268,15 +264,8 @@ class GaussianDiffusion:
             raise ValueError(f"training_losses: the model returned {tuple(output.shape)}, expected {tuple(x0.shape)}")
         # (B*K); promotes a bf16 output to the target's float32
         eps_term = (output - self.target(x0, t, noise)).pow(2).mean(dim=(1, 2)) * self.loss_weight(t)
-
         if mel_loss is not None:
-            with torch.set_grad_enabled(torch.is_grad_enabled() and mel_weight > 0):
-                x0_hat, _ = self.split_output(x_t, t, output)
-                if mel_target == "posterior_mean":
-                    mel_term = mel_loss(self.posterior_mean(x0_hat, x_t, t), self.posterior_mean(x0, x_t, t))
-                else:
-                    mel_term = mel_loss(x0_hat, x0)
-            mel_term = mel_term.to(eps_term.dtype)  # (B*K)
+            mel_term = self._mel_term(mel_loss, mel_weight, mel_target, x0, x_t, t, output).to(eps_term.dtype)
         else:
             mel_term = torch.zeros_like(eps_term)
         loss = eps_term + mel_weight * mel_term if mel_weight > 0 else eps_term
@@ -285,6 +274,27 @@ class GaussianDiffusion:
             return value.reshape(batch, k).mean(dim=1)  # (B)
 
         return {"loss": per_example(loss), "eps": per_example(eps_term), "mel": per_example(mel_term)}
+
+    def _draw_missing(self, x0: Tensor, t: Tensor | None, noise: Tensor | None, cond_keep: Tensor | None,
+                      cond_dropout: float, generator: torch.Generator | None) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Timesteps, noise and condition-keep flags for every row not given by the caller (in this order)."""
+        rows, device = x0.shape[0], x0.device
+        if t is None:
+            t = _draw("randint", (rows,), generator, device, high=self.num_timesteps)
+        if noise is None:
+            noise = _draw("randn", tuple(x0.shape), generator, device, dtype=x0.dtype)
+        if cond_keep is None and cond_dropout > 0:
+            cond_keep = (_draw("rand", (rows,), generator, device) >= cond_dropout).to(x0.dtype)
+        return t, noise, cond_keep
+
+    def _mel_term(self, mel_loss: Callable[[Tensor, Tensor], Tensor], mel_weight: float, mel_target: str,
+                  x0: Tensor, x_t: Tensor, t: Tensor, output: Tensor) -> Tensor:
+        """MIDT's mel loss of the model's x0 estimate (or of the posterior mean it implies), [B*K]."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and mel_weight > 0):  # weight 0: monitored only
+            x0_hat, _ = self.split_output(x_t, t, output)
+            if mel_target == "posterior_mean":
+                return mel_loss(self.posterior_mean(x0_hat, x_t, t), self.posterior_mean(x0, x_t, t))
+            return mel_loss(x0_hat, x0)
 
     # -- sampling ----------------------------------------------------------------------------------------
 

@@ -12,7 +12,7 @@ import torch
 import wfdb
 from tqdm.auto import tqdm
 
-from common.bundle import Generator
+from common.bundle import ECGGenerator
 from common.data.demographics import demographics_from_metadata, encode_demographics, fold_age
 from common.data.labels import labels_from_scp_codes
 from common.data.leads import LEAD_NAMES, derive_leads
@@ -26,7 +26,7 @@ ADC_GAIN = 1000.0
 
 @torch.no_grad()
 def generate(
-    gen: Generator,
+    gen: ECGGenerator,
     labels: np.ndarray,
     demographics: np.ndarray,
     mask: np.ndarray,
@@ -101,7 +101,7 @@ def parse_labels(text: str | None, codes: Sequence[str]) -> np.ndarray:
 
 
 def sample_records(
-    gen: Generator,
+    gen: ECGGenerator,
     codes: Sequence[str],
     out_dir: str | Path,
     n: int,
@@ -189,7 +189,7 @@ def _like_table(meta: pd.DataFrame) -> pd.DataFrame:
 
 
 def sample_like(
-    gen: Generator,
+    gen: ECGGenerator,
     meta: pd.DataFrame,
     codes: Sequence[str],
     out_dir: str | Path,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -28,6 +28,7 @@ from common.diffusion import GaussianDiffusion
 from common.losses import MelSpectrogramLoss
 from common.normalization import Normalizer
 from common.privacy import DPRandomness, SiteBudget, make_private
+from common.privacy.engine import PrivateTraining
 
 
 def select_device(name: str = "auto") -> torch.device:
@@ -165,6 +166,48 @@ def train_local(
     optimizer's saved state; its batches and draws continue from a seed offset by `start_step`.
     """
     tc = cfg.train
+    device, randomness, seed = _start(model, data, tc, steps, start_step, budget, randomness, seed)
+    anchor = {n: p.detach().clone() for n, p in model.named_parameters()} if proximal_mu > 0 else None
+    mel_loss = MelSpectrogramLoss(cfg.midt).to(device) if cfg.midt.enabled and cfg.midt.weight > 0 else None
+    lr = tc.lr if lr is None else lr
+    loop = _build_loop(model, data, cfg, lr, trainable, optimizer_state, budget, randomness, seed)
+    scheduler = _scheduler(loop.optimizer, tc, schedule, steps, start_step)
+    meter = _Meter()
+    bar = tqdm(total=steps, initial=start_step, desc=description, disable=not progress, leave=False, dynamic_ncols=True)
+    batches = _batches(loop.loader)
+    for step in range(start_step + 1, steps + 1):
+        x0, labels, demographics = (t.to(device, non_blocking=True) for t in next(batches))
+        meter.examples += int(x0.shape[0])
+        loop.optimizer.zero_grad(set_to_none=True)
+        if x0.shape[0] == 0:  # an empty Poisson batch: the noise-only step DP-SGD still owes
+            loop.private.empty_step()
+            _advance(scheduler)
+            meter.empty_batches += 1
+            bar.update(1)
+            continue
+        with _autocast(device, tc.mixed_precision):
+            losses = _losses(diffusion, loop.trained, x0, labels, demographics, cfg, mel_loss)
+        per_sample = losses["loss"].float()  # [B]: DP clips per example
+        _descend(loop, per_sample, tc.grad_clip, scheduler)
+        _proximal_step(model, anchor, lr * proximal_mu)
+        if ema is not None:
+            ema.update(model)
+        batch = meter.add(per_sample, losses, step, description)
+        bar.update(1)
+        bar.set_postfix(loss=f"{batch['loss']:.4f}", mel=f"{batch['mel']:.3f}")
+        if step % max(1, tc.log_every) == 0 or step == steps:
+            row = meter.log_row(step)
+            if on_log is not None:
+                on_log(row, loop.optimizer)
+    bar.close()
+    if loop.private is not None:
+        loop.private.close(steps)
+    return meter.result(steps, taken=max(1, steps - start_step - meter.empty_batches))
+
+
+def _start(model: nn.Module, data: TrainingData, tc: Any, steps: int, start_step: int, budget: SiteBudget | None,
+           randomness: DPRandomness | None, seed: int | None) -> tuple[torch.device, DPRandomness | None, int]:
+    """Check the request, pick the device, seed torch and put the model in training mode there."""
     if len(data) == 0:
         raise ValueError("no training records")
     device = select_device(tc.device)
@@ -180,113 +223,138 @@ def train_local(
     torch.manual_seed(seed)
     model.to(device)
     model.train()
-    anchor = {n: p.detach().clone() for n, p in model.named_parameters()} if proximal_mu > 0 else None
+    return device, randomness, seed
 
-    mel_loss = MelSpectrogramLoss(cfg.midt).to(device) if cfg.midt.enabled and cfg.midt.weight > 0 else None
+
+@dataclass
+class _Loop:
+    """What the loop steps: the module it calls, its optimizer and batches (all DP-wrapped under a budget)."""
+
+    trained: nn.Module
+    optimizer: torch.optim.Optimizer
+    loader: Any
+    private: PrivateTraining | None
+
+
+def _build_loop(model: nn.Module, data: TrainingData, cfg: Config, lr: float, trainable: tuple[str, ...],
+                optimizer_state: dict | None, budget: SiteBudget | None, randomness: DPRandomness | None,
+                seed: int) -> _Loop:
+    tc = cfg.train
     dataset = TensorDataset(data.signals, data.labels, data.demographics)
-    lr = tc.lr if lr is None else lr
     optimizer = torch.optim.AdamW(select_trainable(model, trainable), lr=lr, weight_decay=tc.weight_decay)
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
         for group in optimizer.param_groups:  # the schedule below restarts from the configured base rate
             group["lr"] = lr
             group.pop("initial_lr", None)
-    private = None
-    if budget is not None:
-        private = make_private(model, optimizer, dataset, tc.batch_size, budget, cfg.privacy,
-                               cfg.midt.noise_multiplicity, randomness)
-        trained, optimizer, loader = private.module, private.optimizer, private.loader
-    else:
-        trained = model
+    if budget is None:
         loader = DataLoader(dataset, batch_size=min(tc.batch_size, len(data)), shuffle=True,
                             generator=torch.Generator().manual_seed(seed))
+        return _Loop(model, optimizer, loader, None)
+    private = make_private(model, optimizer, dataset, tc.batch_size, budget, cfg.privacy,
+                           cfg.midt.noise_multiplicity, randomness)
+    return _Loop(private.module, private.optimizer, private.loader, private)
 
-    scheduler = None
-    if schedule and (tc.warmup_steps > 0 or tc.lr_decay != "none"):
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda n: lr_factor(n + start_step, steps, tc.warmup_steps, tc.lr_decay))
-    totals = {"loss": 0.0, "eps": 0.0, "mel": 0.0}
-    examples = 0
-    empty_batches = 0
-    log: list[dict[str, float]] = []
-    window = {"loss": 0.0, "eps": 0.0, "mel": 0.0, "n": 0}
-    start = time.perf_counter()
-    bar = tqdm(total=steps, initial=start_step, desc=description, disable=not progress, leave=False, dynamic_ncols=True)
-    batches = _batches(loader)
-    for step in range(start_step + 1, steps + 1):
-        x0, labels, demographics = (t.to(device, non_blocking=True) for t in next(batches))
-        examples += int(x0.shape[0])
-        optimizer.zero_grad(set_to_none=True)
-        if x0.shape[0] == 0:
-            private.empty_step()
-            if scheduler is not None:
-                scheduler.step()
-            empty_batches += 1
-            bar.update(1)
-            continue
-        with _autocast(device, tc.mixed_precision):
-            losses = diffusion.training_losses(
-                trained,
-                x0,
-                labels,
-                demographics,
-                mel_loss=mel_loss,
-                mel_weight=cfg.midt.weight if mel_loss is not None else 0.0,
-                mel_target=cfg.midt.target,
-                cond_dropout=cfg.model.cond_dropout,
-                noise_multiplicity=cfg.midt.noise_multiplicity,
-            )
-        per_sample = losses["loss"].float()  # [B]: DP clips per example
-        if private is not None:
-            private.backward(per_sample)
-        else:
-            per_sample.mean().backward()
-            if tc.grad_clip > 0:
-                nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], tc.grad_clip)
-        optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
-        if anchor is not None:
-            # FedProx as a decoupled proximal step: data-independent, so it costs no privacy.
-            with torch.no_grad():
-                for name, p in model.named_parameters():
-                    p.sub_(lr * proximal_mu * (p - anchor[name]))
-        if ema is not None:
-            ema.update(model)
 
-        batch_loss = float(per_sample.detach().mean())
-        batch_eps = float(losses["eps"].detach().float().mean())
-        batch_mel = float(losses["mel"].detach().float().mean())
-        if not math.isfinite(batch_loss):
-            raise FloatingPointError(f"{description}: loss became {batch_loss} at step {step}")
-        for key, value in (("loss", batch_loss), ("eps", batch_eps), ("mel", batch_mel)):
-            totals[key] += value
-            window[key] += value
-        window["n"] += 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{batch_loss:.4f}", mel=f"{batch_mel:.3f}")
-        if step % max(1, tc.log_every) == 0 or step == steps:
-            row = {
-                "step": float(step),
-                "loss": window["loss"] / max(1, window["n"]),
-                "eps_loss": window["eps"] / max(1, window["n"]),
-                "mel_loss": window["mel"] / max(1, window["n"]),
-                "seconds": time.perf_counter() - start,
-            }
-            log.append(row)
-            if on_log is not None:
-                on_log(row, optimizer)
-            window = {"loss": 0.0, "eps": 0.0, "mel": 0.0, "n": 0}
-    bar.close()
-    if private is not None:
-        private.close(steps)
-    taken = max(1, steps - start_step - empty_batches)
-    return TrainResult(
-        steps=steps,
-        examples=examples,
-        loss=totals["loss"] / taken,
-        eps_loss=totals["eps"] / taken,
-        mel_loss=totals["mel"] / taken,
-        seconds=time.perf_counter() - start,
-        log=log,
-        empty_batches=empty_batches,
+def _scheduler(optimizer: torch.optim.Optimizer, tc: Any, schedule: bool, steps: int, start_step: int):
+    if not schedule or (tc.warmup_steps <= 0 and tc.lr_decay == "none"):
+        return None
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda n: lr_factor(n + start_step, steps, tc.warmup_steps, tc.lr_decay))
+
+
+def _advance(scheduler) -> None:
+    if scheduler is not None:
+        scheduler.step()
+
+
+def _losses(diffusion: GaussianDiffusion, trained: nn.Module, x0: torch.Tensor, labels: torch.Tensor,
+            demographics: torch.Tensor, cfg: Config, mel_loss: MelSpectrogramLoss | None) -> dict[str, torch.Tensor]:
+    return diffusion.training_losses(
+        trained,
+        x0,
+        labels,
+        demographics,
+        mel_loss=mel_loss,
+        mel_weight=cfg.midt.weight if mel_loss is not None else 0.0,
+        mel_target=cfg.midt.target,
+        cond_dropout=cfg.model.cond_dropout,
+        noise_multiplicity=cfg.midt.noise_multiplicity,
     )
+
+
+def _descend(loop: _Loop, per_sample: torch.Tensor, grad_clip: float, scheduler) -> None:
+    """Backward (per-example clipping and noise under DP, else the mean with optional clipping), then step."""
+    if loop.private is not None:
+        loop.private.backward(per_sample)
+    else:
+        per_sample.mean().backward()
+        if grad_clip > 0:
+            nn.utils.clip_grad_norm_(loop.optimizer.param_groups[0]["params"], grad_clip)
+    loop.optimizer.step()
+    _advance(scheduler)
+
+
+def _proximal_step(model: nn.Module, anchor: dict[str, torch.Tensor] | None, rate: float) -> None:
+    """FedProx as a decoupled proximal step: data-independent, so it costs no privacy."""
+    if anchor is None:
+        return
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.sub_(rate * (p - anchor[name]))
+
+
+def _zeros() -> dict[str, float]:
+    return {"loss": 0.0, "eps": 0.0, "mel": 0.0}
+
+
+@dataclass
+class _Meter:
+    """Running loss sums: totals for the TrainResult, a window for each log row."""
+
+    start: float = field(default_factory=time.perf_counter)
+    totals: dict[str, float] = field(default_factory=_zeros)
+    window: dict[str, float] = field(default_factory=_zeros)
+    window_steps: int = 0
+    log: list[dict[str, float]] = field(default_factory=list)
+    examples: int = 0
+    empty_batches: int = 0
+
+    def add(self, per_sample: torch.Tensor, losses: dict[str, torch.Tensor], step: int, description: str) -> dict[str, float]:
+        batch = {
+            "loss": float(per_sample.detach().mean()),
+            "eps": float(losses["eps"].detach().float().mean()),
+            "mel": float(losses["mel"].detach().float().mean()),
+        }
+        if not math.isfinite(batch["loss"]):
+            raise FloatingPointError(f"{description}: loss became {batch['loss']} at step {step}")
+        for key, value in batch.items():
+            self.totals[key] += value
+            self.window[key] += value
+        self.window_steps += 1
+        return batch
+
+    def log_row(self, step: int) -> dict[str, float]:
+        n = max(1, self.window_steps)
+        row = {
+            "step": float(step),
+            "loss": self.window["loss"] / n,
+            "eps_loss": self.window["eps"] / n,
+            "mel_loss": self.window["mel"] / n,
+            "seconds": time.perf_counter() - self.start,
+        }
+        self.log.append(row)
+        self.window, self.window_steps = _zeros(), 0
+        return row
+
+    def result(self, steps: int, taken: int) -> TrainResult:
+        return TrainResult(
+            steps=steps,
+            examples=self.examples,
+            loss=self.totals["loss"] / taken,
+            eps_loss=self.totals["eps"] / taken,
+            mel_loss=self.totals["mel"] / taken,
+            seconds=time.perf_counter() - self.start,
+            log=self.log,
+            empty_batches=self.empty_batches,
+        )

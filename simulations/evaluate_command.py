@@ -4,7 +4,7 @@
     fedecg evaluate --synthetic SYN_DIR --data REAL_DIR [--quick] --out DIR
     fedecg evaluate --real-vs-real --data REAL_DIR [--quick] --out DIR
 
-Writes DIR/evaluation.json (schema: common/evaluation/report.py), DIR/plots/*.png and DIR/report.md.
+Writes DIR/evaluation.json (schema: common/evaluation/schema.py), DIR/plots/*.png and DIR/report.md.
 Settings come from the `evaluation` section of --config (in bundle mode, default: the bundle's own
 config) with --set overrides; data.cache_dir (trained classifiers and record caches) and
 data.on_bad_record are honoured too.

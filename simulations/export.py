@@ -14,6 +14,14 @@ from common.privacy import verify_release
 from common.scp import SCP_CODES
 
 
+def _how_trained(cfg, progress: dict) -> str:
+    """A central run's checkpoint counts optimizer steps, a federated one's counts rounds."""
+    if progress.get("kind") == "central":
+        return f"Trained centrally (one data holder, no federation), {progress.get('step', '?')} optimizer steps"
+    return (f"Federated with Flower, strategy `{cfg.federation.strategy}`, {progress.get('round', '?')} rounds of "
+            f"{cfg.federation.local_steps} local steps")
+
+
 def model_card(run_dir: Path, cfg, progress: dict, certificate: dict | None, evaluation: dict | None,
                audit: dict | None = None) -> str:
     params = count_parameters(build_denoiser(cfg.model))
@@ -49,8 +57,7 @@ def model_card(run_dir: Path, cfg, progress: dict, certificate: dict | None, eva
     lines += [
         "",
         "## Training",
-        f"Federated with Flower, strategy `{cfg.federation.strategy}`, {progress.get('round', '?')} rounds of "
-        f"{cfg.federation.local_steps} local steps, batch {cfg.train.batch_size}, AdamW lr {cfg.train.lr}, "
+        f"{_how_trained(cfg, progress)}, batch {cfg.train.batch_size}, AdamW lr {cfg.train.lr}, "
         f"T={cfg.diffusion.timesteps} ({cfg.diffusion.schedule} schedule). Config SHA256 `{config_hash(cfg)}`.",
         "",
         "## Privacy guarantee, in plain words",

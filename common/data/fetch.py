@@ -155,12 +155,19 @@ class _Downloader:
 
 
 def _read_rows(path: Path) -> tuple[list[str], list[list[str]]]:
+    """(header, rows in ecg_id order) of a PTB-XL database table."""
     with open(path, newline="", encoding="utf-8") as handle:
         reader = csv.reader(handle)
         header = next(reader, None)
         if not header or "ecg_id" not in header or "filename_lr" not in header:
             raise FetchError(f"{path}: not a PTB-XL table (no ecg_id/filename_lr columns)")
-        return header, [row for row in reader if row]
+        rows = [row for row in reader if row]
+    id_col = header.index("ecg_id")
+    try:
+        rows.sort(key=lambda r: int(float(r[id_col])))
+    except (ValueError, IndexError) as err:
+        raise FetchError(f"{path}: a row has no integer ecg_id ({err})") from err
+    return header, rows
 
 
 def fetch(
@@ -172,46 +179,53 @@ def fetch(
     timeout: float = 60.0,
 ) -> FetchResult:
     """Download the tables, SHA256SUMS.txt and the first `records` records (ecg_id order; None: all) of records100/."""
-    from tqdm import tqdm
-
     if records is not None and records <= 0:
         raise FetchError(f"--records {records}: must be positive")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     loader = _Downloader(base_url, out, timeout)
-
     # The official checksum list is the trust anchor: always take the server's current one.
     sums_full = out / "SHA256SUMS.full.txt"
     loader.fetch(SUMS_NAME, None, local_name=sums_full.name)
     sums = read_sha256sums(sums_full)
-    downloaded = kept = 0
+    transferred = _fetch_tables(loader, out, sums)
+    header, rows = _read_rows(out / "ptbxl_database.full.csv")
+    selected = rows if records is None else rows[:records]
+    files = _record_files(header, selected, sums, base_url)
+    transferred += _fetch_records(loader, files, sums, workers, progress)
+    _write_local_index(out, header, selected, len(rows), sums, files)
+    return FetchResult(out=out, records=len(selected), downloaded=sum(transferred), kept=transferred.count(False))
+
+
+def _fetch_tables(loader: _Downloader, out: Path, sums: dict[str, str]) -> list[bool]:
+    """The two tables (the database as ptbxl_database.full.csv); per table, True if it was transferred."""
     official_table, full_table = out / "ptbxl_database.csv", out / "ptbxl_database.full.csv"
     if not full_table.exists() and official_table.is_file() and sha256_file(official_table) == sums.get(official_table.name):
         os.replace(official_table, full_table)  # a previous complete fetch: reuse its table
-    for name in TABLES:
-        local = "ptbxl_database.full.csv" if name == "ptbxl_database.csv" else name
-        if loader.fetch(name, sums.get(name), local_name=local):
-            downloaded += 1
-        else:
-            kept += 1
+    return [loader.fetch(name, sums.get(name), local_name=full_table.name if name == official_table.name else name)
+            for name in TABLES]
 
-    header, rows = _read_rows(full_table)
-    id_col, lr_col = header.index("ecg_id"), header.index("filename_lr")
-    try:
-        rows.sort(key=lambda r: int(float(r[id_col])))
-    except (ValueError, IndexError) as err:
-        raise FetchError(f"{full_table}: a row has no integer ecg_id ({err})") from err
-    selected = rows if records is None else rows[:records]
+
+def _record_files(header: list[str], selected: list[list[str]], sums: dict[str, str], base_url: str) -> list[str]:
+    """The .hea/.dat files of the selected rows, each of which the checksum list must name."""
+    lr_col = header.index("filename_lr")
     files = [f"{row[lr_col]}{ext}" for row in selected for ext in (".hea", ".dat")]
     unlisted = [f for f in files if f not in sums]
     if unlisted:
         raise FetchError(f"{len(unlisted)} record file(s) are not listed in the server's {SUMS_NAME}, "
                          f"e.g. {unlisted[:3]}; the mirror {base_url} is incomplete")
+    return files
 
+
+def _fetch_records(loader: _Downloader, files: list[str], sums: dict[str, str], workers: int,
+                   progress: bool) -> list[bool]:
+    """Download `files` in parallel, stopping at the first failure; per file, True if it was transferred."""
+    from tqdm import tqdm
+
+    transferred = []
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool, \
             tqdm(total=len(files), desc="downloading records100", unit="file", disable=not progress) as bar:
-        futures = {pool.submit(loader.fetch, rel, sums[rel]): rel for rel in files}
-        pending = set(futures)
+        pending = {pool.submit(loader.fetch, rel, sums[rel]) for rel in files}
         while pending:
             done, pending = wait(pending, return_when=FIRST_EXCEPTION)
             for future in done:
@@ -221,13 +235,8 @@ def fetch(
                         other.cancel()
                     raise error
                 bar.update(1)
-                if future.result():
-                    downloaded += 1
-                else:
-                    kept += 1
-
-    _write_local_index(out, header, selected, len(rows), sums, files)
-    return FetchResult(out=out, records=len(selected), downloaded=downloaded, kept=kept)
+                transferred.append(future.result())
+    return transferred
 
 
 def _write_local_index(out: Path, header: list[str], selected: list[list[str]], total: int,

@@ -126,3 +126,21 @@ def read_signals(
     skipped = raise_or_skip(faults, cfg.on_bad_record, str(root))
     ids = meta.index.to_numpy(dtype=np.int64)
     return ids[kept], signals[kept] if not kept.all() else signals, np.array(sorted(skipped), dtype=np.int64)
+
+
+def read_stored_leads(root: Path, meta: pd.DataFrame, leads: tuple[str, ...]) -> np.ndarray:
+    """The leads as stored in the 100 Hz WFDB files (not re-derived), [N, len(leads), T] mV in `leads` order.
+
+    For the lead-system check of the evaluation, which needs the four limb leads the loader derives.
+    """
+    import wfdb
+
+    out = []
+    for rel in meta["filename_lr"]:
+        rec = wfdb.rdrecord(str(root / rel))
+        names = [str(s).upper() for s in rec.sig_name]
+        missing = [name for name in leads if name.upper() not in names]
+        if missing:
+            raise ValueError(f"{root / rel}: leads {missing} are not stored (has {rec.sig_name})")
+        out.append(rec.p_signal[:, [names.index(name.upper()) for name in leads]].T)
+    return np.asarray(out, dtype=np.float32)

@@ -112,8 +112,8 @@ def draw_coins(pairs: int, entropy: int) -> np.ndarray:
 
 @dataclass(frozen=True)
 class CanaryScores:
-    per_candidate: np.ndarray  # [m, 2] loss reduction (initial - final) of each candidate
-    slot: np.ndarray  # [m] first minus second: > 0 says the first candidate was trained on
+    per_candidate: np.ndarray  # [m, 2] loss reduction (initial - final) of each candidate, in spread units
+    slot: np.ndarray  # [m] first minus second (standardized): > 0 says the first candidate was trained on
 
     def member_scores(self, coins: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(trained-on candidates' scores, held-out candidates' scores), for AUC and TPR at low FPR."""
@@ -124,12 +124,25 @@ class CanaryScores:
 
 def score_canaries(model: torch.nn.Module, reference: torch.nn.Module, diffusion: Any, canaries: CanarySet,
                    timesteps: int, noise_draws: int, seed: int = 0, batch_size: int = 64) -> CanaryScores:
-    """Calibrated loss scores of every candidate (see the module docstring)."""
-    steps = default_timesteps(diffusion.num_timesteps, timesteps)
+    """Calibrated loss scores of every candidate (see the module docstring).
 
-    def losses(net: torch.nn.Module, which: int) -> np.ndarray:
-        return diffusion_losses(net, diffusion, *canaries.candidate(which), timesteps=steps, seed=seed,
+    Each timestep's scores are divided by their spread over the candidates before the timesteps are
+    averaged: raw losses are largest at small t and would drown the other timesteps' evidence. The spread
+    is taken over all candidates alike, without the coins.
+    """
+    per_candidate, slot = [], []
+    def losses(net: torch.nn.Module, which: int, t: int) -> np.ndarray:
+        return diffusion_losses(net, diffusion, *canaries.candidate(which), timesteps=[t], seed=seed,
                                 batch_size=batch_size, noise_draws=noise_draws)
 
-    per_candidate = np.stack([losses(reference, w) - losses(model, w) for w in (0, 1)], axis=1)
-    return CanaryScores(per_candidate=per_candidate, slot=per_candidate[:, 0] - per_candidate[:, 1])
+    for t in default_timesteps(diffusion.num_timesteps, timesteps):
+        reduction = np.stack([losses(reference, w, t) - losses(model, w, t) for w in (0, 1)], axis=1)  # (m 2)
+        difference = reduction[:, 0] - reduction[:, 1]
+        per_candidate.append(reduction / _spread(reduction))
+        slot.append(difference / _spread(difference))
+    return CanaryScores(per_candidate=np.mean(per_candidate, axis=0), slot=np.mean(slot, axis=0))
+
+
+def _spread(values: np.ndarray) -> float:
+    spread = float(np.std(values))
+    return spread if spread > 0 else 1.0

@@ -166,72 +166,103 @@ def delineate(lead: np.ndarray, fs: int = FS) -> Beats:
     if n == 0:
         return beats
     wide = _filt(x, 0.5, 40.0, fs)
-    low = _filt(x, 0.5, 15.0, fs)
-    slope = np.abs(np.gradient(wide))
-    ms = lambda v: int(round(v * fs / 1000.0))  # noqa: E731 - milliseconds to samples
-    size = x.size
+    wave = _Filtered(slope=np.abs(np.gradient(wide)), low=_filt(x, 0.5, 15.0, fs), fs=fs)
     for i, rp in enumerate(r):
-        # QRS onset / offset from the slope envelope.
-        lo = max(0, rp - ms(100))
-        hi = min(size - 1, rp + ms(100))
-        if rp - lo < 2 or hi - rp < 2:
-            continue
-        pre = lo + int(np.argmax(slope[lo:rp + 1]))
-        post = rp + int(np.argmax(slope[rp:hi + 1]))
-        thr = 0.15 * max(slope[pre], slope[post])
-        on = pre
-        limit_on = max(0, rp - ms(150))
-        while on > limit_on and slope[on] > thr:
-            on -= 1
-        off = post
-        limit_off = min(size - 1, rp + ms(150))
-        while off < limit_off and slope[off] > thr:
-            off += 1
-        if on <= limit_on or off >= limit_off:
+        qrs = _qrs_bounds(wave, rp)
+        if qrs is None:
             continue  # no quiet segment found: QRS boundary undefined
+        on, off = qrs
         beats.qrs_on[i], beats.qrs_off[i] = on, off
-        iso = low[on]
-        # P wave before QRS onset.
-        p_lo, p_hi = on - ms(250), on - ms(40)
-        if i > 0:  # not into the previous beat: after its T wave when that was found
-            p_lo = max(p_lo, r[i - 1] + ms(200), beats.t_end[i - 1] + 1)
-        if p_lo >= 0 and p_hi - p_lo >= 3:
-            dev = low[p_lo:p_hi] - iso
-            k = int(np.argmax(np.abs(dev)))
-            amp = dev[k]
-            if abs(amp) >= 0.03:
-                p_peak = p_lo + k
-                j = p_peak
-                stop = max(0, p_peak - ms(120))
-                while j > stop and abs(low[j] - iso) > 0.2 * abs(amp):
-                    j -= 1
-                if j > stop:
-                    beats.p_on[i] = j
+        iso = wave.low[on]  # the PR level
+        # P wave before QRS onset; not into the previous beat: after its T wave when that was found.
+        p_lo = on - wave.ms(250) if i == 0 else max(on - wave.ms(250), r[i - 1] + wave.ms(200), beats.t_end[i - 1] + 1)
+        beats.p_on[i] = _p_onset(wave, iso, p_lo, on - wave.ms(40))
         # T wave after QRS offset, bounded by the next QRS.
-        t_lo = off + ms(80)
-        t_hi = off + ms(450)
-        if i + 1 < n:
-            t_hi = min(t_hi, r[i + 1] - ms(100))
-        t_hi = min(t_hi, size - 1)
-        if t_hi - t_lo < 3:
-            continue
-        dev = low[t_lo:t_hi] - iso
-        k = int(np.argmax(np.abs(dev)))
-        t_peak = t_lo + k
-        sign = np.sign(dev[k]) or 1.0
-        d_hi = min(t_hi, t_peak + ms(200))
-        if d_hi - t_peak < 2:
-            continue
-        d = np.gradient(low[t_peak:d_hi + 1])
-        m = int(np.argmax(-sign * d))  # steepest descent back towards the PR level
-        steep = -sign * d[m]
-        if steep <= 1e-6:
-            continue
-        m_abs = t_peak + m
-        end = m_abs + sign * (low[m_abs] - iso) / steep
-        if t_peak < end <= min(size - 1, t_peak + ms(300)):
-            beats.t_end[i] = int(round(end))
+        t_hi = off + wave.ms(450) if i + 1 == n else min(off + wave.ms(450), r[i + 1] - wave.ms(100))
+        beats.t_end[i] = _t_end(wave, iso, off + wave.ms(80), min(t_hi, x.size - 1))
     return beats
+
+
+@dataclass(frozen=True)
+class _Filtered:
+    """One lead through the delineator's filters: |slope| at 0.5-40 Hz (QRS), 0.5-15 Hz (P and T waves)."""
+
+    slope: np.ndarray
+    low: np.ndarray
+    fs: int
+
+    @property
+    def size(self) -> int:
+        return self.low.size
+
+    def ms(self, v: float) -> int:
+        """Milliseconds to samples."""
+        return int(round(v * self.fs / 1000.0))
+
+
+def _qrs_bounds(wave: _Filtered, rp: int) -> tuple[int, int] | None:
+    """(onset, offset): walking out from the steepest slopes within 100 ms of R until the slope is quiet."""
+    ms, size, slope = wave.ms, wave.size, wave.slope
+    lo = max(0, rp - ms(100))
+    hi = min(size - 1, rp + ms(100))
+    if rp - lo < 2 or hi - rp < 2:
+        return None
+    pre = lo + int(np.argmax(slope[lo:rp + 1]))
+    post = rp + int(np.argmax(slope[rp:hi + 1]))
+    thr = 0.15 * max(slope[pre], slope[post])
+    on = pre
+    limit_on = max(0, rp - ms(150))
+    while on > limit_on and slope[on] > thr:
+        on -= 1
+    off = post
+    limit_off = min(size - 1, rp + ms(150))
+    while off < limit_off and slope[off] > thr:
+        off += 1
+    if on <= limit_on or off >= limit_off:
+        return None
+    return on, off
+
+
+def _p_onset(wave: _Filtered, iso: float, p_lo: int, p_hi: int) -> int:
+    """P onset in [p_lo, p_hi) (-1: no P wave of at least 0.03 mV there)."""
+    if p_lo < 0 or p_hi - p_lo < 3:
+        return -1
+    low = wave.low
+    dev = low[p_lo:p_hi] - iso
+    k = int(np.argmax(np.abs(dev)))
+    amp = dev[k]
+    if abs(amp) < 0.03:
+        return -1
+    p_peak = p_lo + k
+    j = p_peak
+    stop = max(0, p_peak - wave.ms(120))
+    while j > stop and abs(low[j] - iso) > 0.2 * abs(amp):
+        j -= 1
+    return j if j > stop else -1
+
+
+def _t_end(wave: _Filtered, iso: float, t_lo: int, t_hi: int) -> int:
+    """T end by the tangent method, the T peak searched in [t_lo, t_hi) (-1: not found)."""
+    if t_hi - t_lo < 3:
+        return -1
+    low, ms = wave.low, wave.ms
+    dev = low[t_lo:t_hi] - iso
+    k = int(np.argmax(np.abs(dev)))
+    t_peak = t_lo + k
+    sign = np.sign(dev[k]) or 1.0
+    d_hi = min(t_hi, t_peak + ms(200))
+    if d_hi - t_peak < 2:
+        return -1
+    d = np.gradient(low[t_peak:d_hi + 1])
+    m = int(np.argmax(-sign * d))  # steepest descent back towards the PR level
+    steep = -sign * d[m]
+    if steep <= 1e-6:
+        return -1
+    m_abs = t_peak + m
+    end = m_abs + sign * (low[m_abs] - iso) / steep
+    if t_peak < end <= min(wave.size - 1, t_peak + ms(300)):
+        return int(round(end))
+    return -1
 
 
 def record_features(lead: np.ndarray, fs: int = FS) -> tuple[dict[str, float], Beats]:

@@ -31,8 +31,9 @@ import numpy as np
 
 from common.config import Config, EvaluationConfig
 
-from . import clinical, fidelity, memorization, report, utility
+from . import clinical, fidelity, memorization, plots, report, utility
 from .classifier import ClassifierConfig, embed
+from .markdown import write_markdown
 
 logger = logging.getLogger(__name__)
 
@@ -132,7 +133,7 @@ class EvalData:
     pairs: np.ndarray
     pairing: str
     bundle: Path | None = None
-    generator: Any = None  # common.bundle.Generator in bundle mode
+    generator: Any = None  # common.bundle.ECGGenerator in bundle mode
 
 
 def _data_config(cfg: Config, root: Path):
@@ -231,21 +232,6 @@ def prepare_real_vs_real(real_root: str | Path, cfg: Config, settings: Settings,
     return EvalData("real_vs_real", real_root, train, test, synthetic, real_root, pairs, "labels")
 
 
-def read_stored_leads(root: Path, meta: Any, leads: tuple[str, ...]) -> np.ndarray:
-    """The 12 leads as stored in the WFDB files (not re-derived), [N, 12, T] mV in `leads` order."""
-    import wfdb
-
-    out = []
-    for rel in meta["filename_lr"]:
-        rec = wfdb.rdrecord(str(root / rel))
-        names = [str(s).upper() for s in rec.sig_name]
-        missing = [name for name in leads if name.upper() not in names]
-        if missing:
-            raise ValueError(f"{root / rel}: leads {missing} are not stored (has {rec.sig_name})")
-        out.append(rec.p_signal[:, [names.index(name.upper()) for name in leads]].T)
-    return np.asarray(out, dtype=np.float32)
-
-
 def _sample(n_total: int, n: int | None, rng: np.random.Generator) -> np.ndarray:
     if n is None or n >= n_total:
         return np.arange(n_total)
@@ -262,6 +248,19 @@ class _Arrays:
     paired_real12: np.ndarray  # the real training record paired with each synthetic one
     real_reference: np.ndarray  # indices of held-out test records, as many as synthetic records
     classifier_records: np.ndarray  # indices of the training records the CNNs learn from
+
+
+@dataclass
+class _Clinical:
+    metrics: dict[str, Any]
+    feature_tables: tuple[np.ndarray, np.ndarray]  # per-record features (real, synthetic), for the plot
+
+
+@dataclass
+class _Memorization:
+    metrics: dict[str, Any]
+    distances: dict[str, np.ndarray]  # nearest-neighbour distances, for the DCR plot
+    roc: tuple[np.ndarray, np.ndarray] | None  # (fpr, tpr) of the loss attack; None without a generator
 
 
 def run(data: EvalData, settings: Settings, out_dir: str | Path, cache_dir: str | Path | None, progress: bool = True) -> dict[str, Any]:
@@ -283,7 +282,6 @@ def run(data: EvalData, settings: Settings, out_dir: str | Path, cache_dir: str 
     )
     classifier_cache = Path(cache_dir) / "classifiers" if cache_dir is not None else None
     timings: dict[str, float] = {}
-    extras: dict[str, Any] = {}  # what the plots need besides the metrics
 
     def timed(name: str, fn, *args):
         start = time.perf_counter()
@@ -294,9 +292,9 @@ def run(data: EvalData, settings: Settings, out_dir: str | Path, cache_dir: str 
     fid = timed("fidelity", _fidelity, data, arrays)
     util, ref_model = timed("utility", _utility, data, arrays, settings, classifier_cache, progress)
     fid.update(timed("frechet", _frechet, ref_model, arrays, rng))
-    clin = timed("clinical", _clinical, data, arrays, settings, classifier_cache, rng, extras, progress)
-    mem = timed("memorization", _memorization, data, settings, extras, progress)
-    plots = timed("plots", _plots, data, arrays, util, mem, extras, out_dir / "plots")
+    clin = timed("clinical", _clinical, data, arrays, settings, classifier_cache, rng, progress)
+    mem = timed("memorization", _memorization, data, settings, progress)
+    written = timed("plots", _plots, data, arrays, util, clin, mem, out_dir / "plots")
 
     result = {
         "schema_version": report.SCHEMA_VERSION,
@@ -315,14 +313,14 @@ def run(data: EvalData, settings: Settings, out_dir: str | Path, cache_dir: str 
         },
         "settings": settings.to_dict(),
         "fidelity": fid,
-        "clinical": clin,
-        "memorization": mem,
+        "clinical": clin.metrics,
+        "memorization": mem.metrics,
         "utility": util,
-        "plots": {name: str(Path(p).relative_to(out_dir)) for name, p in plots.items()},
+        "plots": {name: str(Path(p).relative_to(out_dir)) for name, p in written.items()},
         "timings_s": timings,
     }
     report.write_json(result, out_dir)
-    report.write_markdown(result, out_dir)
+    write_markdown(result, out_dir)
     return report.to_jsonable(result)
 
 
@@ -375,13 +373,13 @@ def _frechet(ref_model: Any, a: _Arrays, rng: np.random.Generator) -> dict[str, 
 
 
 def _clinical(data: EvalData, a: _Arrays, settings: Settings, cache: Path | None, rng: np.random.Generator,
-              extras: dict[str, Any], progress: bool) -> dict[str, Any]:
+              progress: bool) -> _Clinical:
     from common.data.leads import LEAD_NAMES
+    from common.data.records import read_stored_leads
 
     clin_idx = _sample(len(a.train12), settings.max_clinical_records, rng)
     real_table, real_beats = clinical.features_table(a.train12[clin_idx], progress=progress)
     syn_table, syn_beats = clinical.features_table(a.syn12, progress=progress)
-    extras["feature_tables"] = (real_table, syn_table)
     # Lead-system consistency needs the leads as stored in the files (the loader keeps 8 and derives 4).
     stored_real = read_stored_leads(data.real_root, data.train.meta.iloc[clin_idx[:EINTHOVEN_RECORDS]], LEAD_NAMES)
     stored_syn = read_stored_leads(data.synthetic_root, data.synthetic.meta.iloc[:EINTHOVEN_RECORDS], LEAD_NAMES)
@@ -393,15 +391,16 @@ def _clinical(data: EvalData, a: _Arrays, settings: Settings, cache: Path | None
     def demo_scores(x12: np.ndarray, ds: Any) -> dict[str, float | None]:
         return clinical.demographic_scores(age_model, sex_model, x12, ds.demographics[:, 0], ds.demographics[:, 1])
 
-    return {
+    metrics = {
         "features": clinical.feature_distances(real_table, syn_table),
         "beats": {"real": real_beats, "synthetic": syn_beats},
         "einthoven": {"real": clinical.einthoven_consistency(stored_real), "synthetic": clinical.einthoven_consistency(stored_syn)},
         "demographics": {"synthetic": demo_scores(a.syn12, data.synthetic), "real_test": demo_scores(a.test12, data.test)},
     }
+    return _Clinical(metrics, (real_table, syn_table))
 
 
-def _memorization(data: EvalData, settings: Settings, extras: dict[str, Any], progress: bool) -> dict[str, Any]:
+def _memorization(data: EvalData, settings: Settings, progress: bool) -> _Memorization:
     from common.normalization import Normalizer
 
     # The generator's own normalization when there is one; else one fitted on the real training records.
@@ -414,38 +413,37 @@ def _memorization(data: EvalData, settings: Settings, extras: dict[str, Any], pr
     mem: dict[str, Any] = memorization.distance_metrics(
         features(data.synthetic.signals), features(data.train.signals), features(data.test.signals),
         seed=settings.seed, distances=distances)
-    extras["nn_distances"] = distances
-    mem["mia"] = None
+    mem["mia"], roc = None, None
     if data.generator is not None:
-        mem["mia"], extras["roc"] = _membership(data.generator, data.train, data.test, settings, progress)
-    return mem
+        mem["mia"], roc = _membership(data.generator, data.train, data.test, settings, progress)
+    return _Memorization(mem, distances, roc)
 
 
-def _plots(data: EvalData, a: _Arrays, util: dict[str, Any], mem: dict[str, Any], extras: dict[str, Any],
+def _plots(data: EvalData, a: _Arrays, util: dict[str, Any], clin: _Clinical, mem: _Memorization,
            plots_dir: Path) -> dict[str, Path]:
     from common.data.leads import LEAD_NAMES
     from common.plotting import plot_ecg_grid
 
-    plots: dict[str, Path] = {}
-    plots["interlead_correlation"] = report.plot_correlation(
+    written: dict[str, Path] = {}
+    written["interlead_correlation"] = plots.plot_correlation(
         fidelity.lead_correlation_matrices(a.train12).mean(0), fidelity.lead_correlation_matrices(a.syn12).mean(0),
         LEAD_NAMES, plots_dir / "interlead_correlation.png")
     freqs, p_real = fidelity.welch_psd(a.train12)
     _, p_syn = fidelity.welch_psd(a.syn12)
-    plots["psd"] = report.plot_psd(freqs, p_real, p_syn, LEAD_NAMES, plots_dir / "psd.png")
-    plots["clinical_features"] = report.plot_features(*extras["feature_tables"], clinical.FEATURES, plots_dir / "clinical_features.png")
-    d = extras["nn_distances"]
-    plots["dcr"] = report.plot_dcr(d["synthetic_to_train_subset"], d["synthetic_to_holdout"], d["holdout_to_train"],
-                                   mem["near_copy_threshold"], plots_dir / "dcr.png")
-    if "roc" in extras:
-        plots["mia_roc"] = report.plot_roc(*extras["roc"], mem["mia"]["mia_auc"], plots_dir / "mia_roc.png")
-    plots["utility"] = report.plot_utility(util, plots_dir / "utility.png")
+    written["psd"] = plots.plot_psd(freqs, p_real, p_syn, LEAD_NAMES, plots_dir / "psd.png")
+    written["clinical_features"] = plots.plot_features(*clin.feature_tables, clinical.FEATURES, plots_dir / "clinical_features.png")
+    d = mem.distances
+    written["dcr"] = plots.plot_dcr(d["synthetic_to_train_subset"], d["synthetic_to_holdout"], d["holdout_to_train"],
+                                    mem.metrics["near_copy_threshold"], plots_dir / "dcr.png")
+    if mem.roc is not None:
+        written["mia_roc"] = plots.plot_roc(*mem.roc, mem.metrics["mia"]["mia_auc"], plots_dir / "mia_roc.png")
+    written["utility"] = plots.plot_utility(util, plots_dir / "utility.png")
     k = min(2, len(a.syn12))
     titles = [f"synthetic {int(data.synthetic.ecg_ids[i])}" for i in range(k)] + [
         f"real {int(data.train.ecg_ids[data.pairs[i]])} (its pair)" for i in range(k)]
-    plots["examples"] = plot_ecg_grid(np.concatenate([a.syn12[:k], a.paired_real12[:k]]), plots_dir / "examples.png",
-                                      titles=titles, max_records=2 * k)
-    return plots
+    written["examples"] = plot_ecg_grid(np.concatenate([a.syn12[:k], a.paired_real12[:k]]), plots_dir / "examples.png",
+                                        titles=titles, max_records=2 * k)
+    return written
 
 
 def _membership(gen: Any, train: Any, test: Any, settings: Settings, progress: bool) -> tuple[dict[str, Any], tuple[np.ndarray, np.ndarray]]:

@@ -34,31 +34,13 @@ import math
 
 import torch
 import torch.nn.functional as F
+from scipy.fft import next_fast_len
 from torch import Tensor, nn
 
 __all__ = [
     "S4Block",
     "S4DKernelConv",
-    "next_fast_len",
 ]
-
-
-def next_fast_len(n: int) -> int:
-    """Smallest 2^a 3^b 5^c >= n: FFT sizes that pocketfft and cuFFT transform without slow radix paths."""
-    if n < 1:
-        raise ValueError(f"next_fast_len: n must be positive, got {n}")
-    best = 1 << max(0, (n - 1).bit_length())  # a power of two always qualifies
-    p5 = 1
-    while p5 < best:
-        p35 = p5
-        while p35 < best:
-            m = p35
-            while m < n:
-                m *= 2
-            best = min(best, m)
-            p35 *= 3
-        p5 *= 5
-    return best
 
 
 def _block_size(length: int) -> int:
@@ -286,8 +268,9 @@ class S4DKernelConv(nn.Module):
 
     @staticmethod
     def fft_size(length: int) -> int:
-        # >= 2L keeps the causal half, the anti-causal half and the zero-padded input from wrapping around.
-        return next_fast_len(2 * length)
+        # >= 2L keeps the causal half, the anti-causal half and the zero-padded input from wrapping around;
+        # real=True: the smallest 2^a 3^b 5^c, sizes pocketfft and cuFFT transform without slow radix paths.
+        return next_fast_len(2 * length, real=True)
 
     def forward(self, u: Tensor) -> Tensor:
         if u.dim() != 3 or u.shape[1] != self.channels:

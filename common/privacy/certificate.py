@@ -16,7 +16,7 @@ import platform
 from pathlib import Path
 from typing import Any
 
-from common.config import Config, config_hash, from_dict, to_dict
+from common.config import Config, config_hash, from_dict, hash_matches, to_dict
 from common.privacy.accounting import (
     CALIBRATION_TOLERANCE,
     HEADLINE_RELATION,
@@ -193,7 +193,7 @@ def verify_certificate(certificate: dict[str, Any]) -> list[str]:
     except ValueError as err:
         return [f"the embedded config does not load: {err}"]
     problems = []
-    if config_hash(cfg) != certificate.get("config_sha256"):
+    if not hash_matches(certificate["config"], certificate.get("config_sha256")):
         problems.append("config_sha256 does not match the embedded config")
     kind = certificate.get("kind")
     if kind not in ("federated", "central"):
@@ -250,6 +250,7 @@ def verify_release(directory: str | Path) -> list[str]:
         import yaml
 
         raw = yaml.safe_load(config_file.read_text())
-        if config_hash(from_dict(raw, source=str(config_file))) != certificate.get("config_sha256"):
+        from_dict(raw, source=str(config_file))  # loads, or says why not
+        if not hash_matches(raw, certificate.get("config_sha256")):
             problems.append("config.yaml is not the config the certificate was issued for")
     return problems

@@ -14,6 +14,8 @@ from common.model.denoiser import build_denoiser
 from tests.fixtures_ptbxl import derive12, write_record
 from tests.run_configs import tiny_run_config
 
+pytestmark = pytest.mark.slow  # whole site rounds on a tiny PTB-XL: left out of make test-fast
+
 PUBLIC_METRICS = {"site-index", "num-records", "steps", "steps-total", "planned-steps", "epsilon", "budget-exhausted"}
 
 

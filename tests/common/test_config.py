@@ -56,6 +56,16 @@ def test_unknown_section_and_wrong_type(tmp_path):
         from_dict({}, ["rounds=3"])
 
 
+def test_only_100_hz_is_accepted_because_everything_downstream_runs_at_100_hz(tmp_path):
+    assert from_dict({"data": {"sampling_rate": 100}}).data.sampling_rate == 100
+    path = tmp_path / "hr.yaml"
+    path.write_text("data:\n  sampling_rate: 500\n")
+    with pytest.raises(ConfigError, match=r"hr\.yaml: data\.sampling_rate: 500 is refused, only 100 works: .*resampled"):
+        load(path)
+    with pytest.raises(ConfigError, match="data.sampling_rate: 250 is refused"):
+        from_dict({}, ["data.sampling_rate=250"])
+
+
 def test_save_writes_resolved_config_with_hash(tmp_path):
     cfg = from_dict({"model": {"size": "small"}})
     out = save(cfg, tmp_path)
@@ -64,6 +74,24 @@ def test_save_writes_resolved_config_with_hash(tmp_path):
     assert from_dict(yaml.safe_load(text)) == cfg
     assert config_hash(from_dict(to_dict(cfg))) == config_hash(cfg)
     assert config_hash(from_dict({"model": {"size": "tiny"}})) != config_hash(cfg)
+    # A config written before a section existed (here: audit, at its default) keeps its hash, so the
+    # certificates issued for it still verify; setting the new key changes it.
+    older = {name: section for name, section in to_dict(cfg).items() if name != "audit"}
+    assert config_hash(from_dict(older)) == config_hash(cfg)
+    assert config_hash(from_dict(older, ["audit.pairs_per_site=8"])) != config_hash(cfg)
+
+
+def test_hash_matches_the_current_and_the_earlier_full_dict_hash():
+    import hashlib
+    import json
+
+    from common.config import hash_matches
+
+    raw = to_dict(from_dict({"model": {"size": "tiny"}}))
+    legacy = hashlib.sha256(json.dumps(raw, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    assert hash_matches(raw, config_hash(from_dict(raw))) and hash_matches(raw, legacy)
+    tampered = {**raw, "privacy": {**raw["privacy"], "target_epsilon": 100.0}}
+    assert not hash_matches(tampered, config_hash(from_dict(raw))) and not hash_matches(tampered, legacy)
 
 
 def test_run_spec_round_trip():

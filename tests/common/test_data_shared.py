@@ -19,7 +19,7 @@ from common.data.leads import MODEL_LEADS
 from common.data.metadata import read_metadata
 from common.scp import SCP_CODES
 
-pytestmark = pytest.mark.shared_data
+pytestmark = [pytest.mark.shared_data, pytest.mark.slow]
 SUBSET = 400  # the first records by ecg_id: a ~2 s cold load
 
 

@@ -271,6 +271,7 @@ def _one_real_ecg(root: Path) -> torch.Tensor:
     return torch.tensor(leads, dtype=torch.float32).unsqueeze(0)
 
 
+@pytest.mark.slow
 def test_tiny_model_overfits_one_real_ecg(shared_ptbxl: Path) -> None:
     x0 = _one_real_ecg(shared_ptbxl).expand(2, 8, 1000)
     diffusion = GaussianDiffusion(DiffusionConfig())

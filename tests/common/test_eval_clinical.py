@@ -82,6 +82,7 @@ def test_feature_distances_by_hand():
     assert out["qrs_ms"]["wasserstein"] is None and out["qrs_ms"]["defined_fraction_real"] == 0.0
 
 
+@pytest.mark.slow
 def test_demographic_predictors_learn_a_planted_signal(one_torch_thread):
     from common.evaluation.classifier import ClassifierConfig
 
@@ -156,7 +157,7 @@ def test_delineation_of_real_records_lies_in_physiological_ranges(real_records):
 
 def test_stored_real_twelve_leads_are_nearly_einthoven_consistent(shared_ptbxl, real_records):
     from common.data.leads import LEAD_NAMES
-    from common.evaluation.pipeline import read_stored_leads
+    from common.data.records import read_stored_leads
 
     stored = read_stored_leads(shared_ptbxl, real_records.meta.iloc[:40], LEAD_NAMES)
     out = clinical.einthoven_consistency(stored)

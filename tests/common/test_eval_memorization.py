@@ -66,6 +66,33 @@ def test_attack_metrics_by_hand():
         mem.attack_metrics(np.array([]), np.array([1.0]))
 
 
+def test_tpr_at_low_fpr_reads_the_roc_where_few_non_members_are_flagged():
+    members = np.arange(100, 200, dtype=float)  # half the members outscore every non-member
+    members[50:] -= 150
+    nonmembers = np.arange(0, 1000, dtype=float) / 10  # 0 .. 99.9
+    out = mem.attack_metrics(members, nonmembers)
+    assert out["mia_tpr_at_0p1pct_fpr"] == pytest.approx(0.5, abs=0.02)  # 1 of 1000 non-members flagged
+    assert out["mia_tpr_at_1pct_fpr"] == pytest.approx(0.5, abs=0.02)
+    fpr, tpr = mem.roc_points(members, nonmembers)
+    assert fpr[0] == 0.0 and tpr[-1] == 1.0 and np.all(np.diff(fpr) >= 0)
+
+
+def test_more_noise_draws_average_out_the_noise(one_torch_thread):
+    model, diffusion = tiny_model_and_diffusion()
+    x, _ = ecg_like(np.random.default_rng(6), 8)
+    x0 = torch.as_tensor(x / 0.5)
+    labels, demo = torch.zeros(8, 71), torch.zeros(8, 8)
+    one = mem.diffusion_losses(model, diffusion, x0, labels, demo, [20], seed=0)
+    assert np.array_equal(one, mem.diffusion_losses(model, diffusion, x0, labels, demo, [20], seed=0, noise_draws=1))
+    # Each estimate is a mean over draws: its spread across seeds shrinks with the number of draws.
+    def spread(draws):
+        runs = [mem.diffusion_losses(model, diffusion, x0, labels, demo, [20], seed=s, noise_draws=draws) for s in range(6)]
+        return np.std(runs, axis=0).mean()
+    assert spread(8) < 0.6 * spread(1)
+    with pytest.raises(ValueError, match="noise_draws"):
+        mem.diffusion_losses(model, diffusion, x0, labels, demo, [20], noise_draws=0)
+
+
 def test_default_timesteps_spread_over_the_schedule():
     assert mem.default_timesteps(200, 4) == [25, 75, 125, 175]
     assert all(0 <= t < 10 for t in mem.default_timesteps(10, 20))
@@ -84,6 +111,7 @@ def tiny_model_and_diffusion():
     return model, GaussianDiffusion(DiffusionConfig(timesteps=100))
 
 
+@pytest.mark.slow
 def test_loss_attack_on_a_model_that_never_saw_the_members_is_at_chance(one_torch_thread):
     model, diffusion = tiny_model_and_diffusion()
     x, _ = ecg_like(np.random.default_rng(5), 160)

@@ -42,6 +42,7 @@ def evaluated(folders, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_two_folder_mode_writes_a_valid_evaluation_json(evaluated, folders):
     result = json.loads((evaluated / "evaluation.json").read_text())
     report.validate(result)  # raises on any departure from the documented schema
@@ -57,6 +58,7 @@ def test_two_folder_mode_writes_a_valid_evaluation_json(evaluated, folders):
     assert result["clinical"]["einthoven"]["synthetic"]["max_relation"] < 0.02
 
 
+@pytest.mark.slow
 def test_report_lists_every_section_and_its_plots(evaluated):
     result = json.loads((evaluated / "evaluation.json").read_text())
     text = (evaluated / "report.md").read_text()
@@ -68,6 +70,7 @@ def test_report_lists_every_section_and_its_plots(evaluated):
         assert f"]({rel})" in text
 
 
+@pytest.mark.slow
 def test_second_run_reuses_the_cached_classifiers(evaluated, folders, tmp_path):
     cache = evaluated / "cache" / "classifiers"
     before = sorted(p.name for p in cache.glob("*.safetensors"))
@@ -81,6 +84,7 @@ def test_second_run_reuses_the_cached_classifiers(evaluated, folders, tmp_path):
     assert second["utility"] == first["utility"] and second["fidelity"] == first["fidelity"]
 
 
+@pytest.mark.slow
 def test_schema_rejects_malformed_reports(evaluated):
     good = json.loads((evaluated / "evaluation.json").read_text())
     cases = [
@@ -98,6 +102,7 @@ def test_schema_rejects_malformed_reports(evaluated):
             report.validate(bad)
 
 
+@pytest.mark.slow
 def test_bad_command_lines_fail_with_a_clear_message(folders, tmp_path, capsys):
     real, synthetic = folders
     assert main(["evaluate", "--synthetic", str(tmp_path), "--data", str(real), "--out", str(tmp_path / "o")]) == 2
@@ -134,6 +139,7 @@ def write_tiny_bundle(out: Path, real: Path) -> Path:
     })
 
 
+@pytest.mark.slow
 def test_bundle_mode_samples_like_the_training_records_and_attacks_the_model(folders, tmp_path, one_torch_thread):
     real, _ = folders
     bundle = write_tiny_bundle(tmp_path / "bundle", real)
@@ -152,6 +158,7 @@ def test_bundle_mode_samples_like_the_training_records_and_attacks_the_model(fol
     assert "mia_roc" in result["plots"]
 
 
+@pytest.mark.slow
 def test_real_vs_real_mode_uses_unseen_real_records_as_the_synthetic_set(folders, tmp_path, one_torch_thread):
     real, _ = folders
     out = tmp_path / "rvr"
@@ -166,17 +173,25 @@ def test_real_vs_real_mode_uses_unseen_real_records_as_the_synthetic_set(folders
     assert result["inputs"]["n_synthetic"] == 16 and result["inputs"]["n_real_train"] + 16 <= 64
 
 
-def test_quick_caps_every_size_and_bad_settings_are_named():
-    from common.config import EvaluationConfig
-    from common.evaluation.pipeline import QUICK, resolve_settings
+def test_quick_lowers_or_bounds_every_size_and_bad_settings_are_named():
+    import dataclasses
 
+    from common.config import EvaluationConfig
+    from common.evaluation.pipeline import resolve_settings
+
+    full = resolve_settings(EvaluationConfig())
     quick = resolve_settings(EvaluationConfig(), quick=True)
-    assert quick.num_synthetic == QUICK["num_synthetic"] and quick.low_data_sizes == (100, 500)
-    assert quick.max_classifier_records == QUICK["max_classifier_records"] and quick.sample_steps == QUICK["sample_steps"]
+    assert quick.quick and not full.quick
+    sizes = [f.name for f in dataclasses.fields(full) if type(getattr(full, f.name)) is int and f.name != "seed"]
+    assert len(sizes) == 7
+    assert all(getattr(quick, name) <= getattr(full, name) for name in sizes)
+    assert quick.num_synthetic < full.num_synthetic
+    # "all records" and "the bundle's own steps" get a bound; the low-data curve keeps its smaller points
+    assert full.max_classifier_records is None and quick.max_classifier_records is not None
+    assert full.sample_steps is None and quick.sample_steps is not None
+    assert set(quick.low_data_sizes) < set(full.low_data_sizes)
     small = resolve_settings(EvaluationConfig(num_synthetic=50, sample_steps=5), quick=True)
     assert small.num_synthetic == 50 and small.sample_steps == 5  # quick never raises a size
-    full = resolve_settings(EvaluationConfig())
-    assert full.max_classifier_records is None and full.low_data_sizes == (100, 500, 1000)
     with pytest.raises(ValueError, match="evaluation.mia_records must be >= 1"):
         resolve_settings(EvaluationConfig(mia_records=0))
     with pytest.raises(ValueError, match="evaluation.test_folds is empty"):

@@ -102,6 +102,7 @@ def test_low_data_regime_uses_nested_real_subsets(one_torch_thread):
         utility.low_data_regime(labels.subset(np.arange(30)), syn, syn, (31,), SMALL, progress=False)
 
 
+@pytest.mark.slow
 @pytest.mark.shared_data
 def test_trtr_on_real_records_is_well_above_chance(shared_ptbxl, one_torch_thread):
     from common.config import DataConfig

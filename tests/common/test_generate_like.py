@@ -21,6 +21,8 @@ from common.model.denoiser import build_denoiser
 from common.scp import SCP_CODES
 from tests.fixtures_ptbxl import write_metadata
 
+pytestmark = pytest.mark.slow  # samples and writes WFDB cohorts: left out of make test-fast
+
 # Rows of the tiny fixture covering its quirks: age 300 (5), missing age (9), missing height (3, 6)
 # and weight (4, 8), a patient with two records (1, 2), folds 1..10.
 LIKE_IDS = [1, 2, 3, 4, 5, 6, 8, 9, 13, 40]

@@ -110,6 +110,7 @@ def _hold_lock(directory, ready, release):
         release.wait(10)
 
 
+@pytest.mark.slow
 def test_a_second_process_training_the_same_site_is_refused(tmp_path):
     ctx = multiprocessing.get_context("spawn")
     ready, release = ctx.Event(), ctx.Event()

@@ -15,7 +15,6 @@ from common.model.s4 import (
     _modes,
     _modes_vjp,
     _VandermondeKernel,
-    next_fast_len,
 )
 from common.privacy.samplers import modules_on_functorch_fallback, s4d_functorch_fallback
 
@@ -81,12 +80,12 @@ def _plain_autograd_forward(layer: S4DKernelConv, u: torch.Tensor) -> torch.Tens
     return y + u * layer.D.unsqueeze(-1)
 
 
-def test_next_fast_len_is_the_smallest_5_smooth_size() -> None:
-    for n in range(1, 2100):
-        size = next_fast_len(n)
-        assert size >= n and _is_5_smooth(size)
-        assert not any(_is_5_smooth(m) for m in range(n, size))
-    assert next_fast_len(2000) == 2000
+def test_fft_size_is_the_smallest_5_smooth_size_that_holds_both_kernel_halves() -> None:
+    for length in range(1, 1050):
+        size = S4DKernelConv.fft_size(length)
+        assert size >= 2 * length and _is_5_smooth(size)
+        assert not any(_is_5_smooth(m) for m in range(2 * length, size))
+    assert S4DKernelConv.fft_size(1000) == 2000  # a 10 s record at 100 Hz: no padding beyond 2L
 
 
 @pytest.mark.parametrize("bidirectional", [False, True])

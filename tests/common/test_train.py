@@ -55,6 +55,7 @@ def _private_run(cfg, data, randomness=None, seed=0, steps=3):
     return model, result
 
 
+@pytest.mark.slow
 def test_private_training_noise_is_secret_and_replays_only_with_the_secret():
     cfg = _cfg(target_epsilon=5.0)
     data = _data()

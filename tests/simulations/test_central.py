@@ -2,12 +2,17 @@
 
 import json
 
+import pytest
+
 from common.bundle import read_checkpoint
 from common.config import load
 from common.normalization import federated_normalizer
 from common.privacy import verify_release
 from simulations.central import run_central
+from simulations.export import model_card
 from tests.run_configs import tiny_run_config
+
+pytestmark = pytest.mark.slow  # whole central runs: left out of make test-fast
 
 
 def test_central_dp_run_uses_public_constants_and_certifies_its_weights(tiny_ptbxl, tmp_path):
@@ -20,6 +25,8 @@ def test_central_dp_run_uses_public_constants_and_certifies_its_weights(tiny_ptb
     certificate = json.loads((run / "privacy.json").read_text())
     assert certificate["kind"] == "central" and certificate["sites"][0]["steps"] == 2 == progress["step"]
     assert len(list((tmp_path / "sites").glob("central-*/ledger.json"))) == 1
+    card = model_card(run, cfg, progress, certificate, None)
+    assert "Trained centrally (one data holder, no federation), 2 optimizer steps" in card and "rounds" not in card
 
 
 def test_pretraining_on_the_public_pool_gives_a_base_the_federation_can_start_from(tiny_ptbxl, tmp_path):
