@@ -19,7 +19,7 @@ DEMO_BUNDLE ?= runs/quickstart-bundle
 # The demo's simulated sites keep their ledgers apart from real runs'; `make demo` resets them explicitly.
 DEMO_SITES ?= .fedecg/demo-sites
 
-.PHONY: setup demo test test-fast bench quality clean
+.PHONY: setup demo test test-fast test-e2e bench quality clean
 
 setup: $(STAMP)
 
@@ -53,12 +53,17 @@ demo: setup data-check
 	@echo "epsilon table: $(DEMO_RUN)/epsilon_table.txt"
 	@cat "$(DEMO_RUN)/epsilon_table.txt"
 
+# The default suite: everything but the end-to-end runs (about 2 minutes on 2 quiet cores).
 test: setup
-	$(PY) -m pytest -q --durations=15
+	$(PY) -m pytest -q -m "not slow" --durations=15
 
-# Unit tests only (no Flower engines, no end-to-end evaluations): about a minute on 2 quiet cores.
-test-fast: setup
-	$(PY) -m pytest -q -m "not slow" --durations=10
+# The inner loop: the same selection without the set-up check or the durations table.
+test-fast:
+	$(PY) -m pytest -q -m "not slow" -x
+
+# End-to-end runs marked slow: Flower's engines, deployments on 127.0.0.1, audits, evaluations (about 15 minutes).
+test-e2e: setup
+	$(PY) -m pytest -q -m slow --durations=15
 
 bench: setup
 	$(PY) -m simulations.benchmarks.bench_model --size small --batch 32

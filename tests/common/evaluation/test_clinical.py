@@ -8,7 +8,7 @@ import pytest
 from scipy import signal
 
 from common.evaluation import clinical
-from tests.common.eval_fixtures import ecg_like, one_torch_thread  # noqa: F401 (fixture)
+from tests.common.evaluation.eval_fixtures import ecg_like, one_torch_thread  # noqa: F401 (fixture)
 from tests.fixtures_ptbxl import derive12
 
 

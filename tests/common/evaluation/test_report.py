@@ -10,7 +10,7 @@ import pytest
 
 from common.evaluation import report
 from simulations.cli import main
-from tests.common.eval_fixtures import make_eval_folders, one_torch_thread  # noqa: F401 (fixture)
+from tests.common.evaluation.eval_fixtures import make_eval_folders, one_torch_thread  # noqa: F401 (fixture)
 
 TINY_SETTINGS = [
     "evaluation.classifier_epochs=1",

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from common.evaluation import fidelity
-from tests.common.eval_fixtures import ecg_like
+from tests.common.evaluation.eval_fixtures import ecg_like
 
 
 def twelve_leads(n: int, seed: int = 0) -> np.ndarray:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from common.evaluation import memorization as mem
-from tests.common.eval_fixtures import ecg_like, make_eval_folders, one_torch_thread  # noqa: F401 (fixture)
+from tests.common.evaluation.eval_fixtures import ecg_like, make_eval_folders, one_torch_thread  # noqa: F401 (fixture)
 
 
 def features(x: np.ndarray) -> torch.Tensor:

@@ -15,7 +15,7 @@ from common.evaluation.classifier import (
     train_classifier,
     train_or_load,
 )
-from tests.common.eval_fixtures import ecg_like, one_torch_thread  # noqa: F401 (fixture)
+from tests.common.evaluation.eval_fixtures import ecg_like, one_torch_thread  # noqa: F401 (fixture)
 
 SMALL = ClassifierConfig(widths=(8, 16), epochs=2, batch_size=16)
 
