@@ -137,6 +137,16 @@ def load_generator(path: str | Path) -> ECGGenerator:
     return build_generator(cfg, state, normalizer, path)
 
 
+# How a model is sampled is not how it was trained: a base stays usable under another sampler or step count.
+SAMPLING_KEYS = ("sampler", "sample_steps", "eta", "guidance_scale")
+
+
+def _trained_part(section: str, values: dict[str, Any] | None) -> dict[str, Any] | None:
+    if section != "diffusion" or values is None:
+        return values
+    return {k: v for k, v in values.items() if k not in SAMPLING_KEYS}
+
+
 def load_public_base(path: str | Path, cfg: Config) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The weights and provenance (base.json) of a `fedecg pretrain` run, checked against `cfg`.
 
@@ -154,7 +164,7 @@ def load_public_base(path: str | Path, cfg: Config) -> tuple[dict[str, torch.Ten
         raise BundleError(f"federation.init_from={path}: the weights are not the ones base.json describes")
     plain = to_dict(cfg)
     for section in ("model", "diffusion"):  # the same network, trained for the same noise process
-        if base.get(section) != plain[section]:
+        if _trained_part(section, base.get(section)) != _trained_part(section, plain[section]):
             raise BundleError(f"federation.init_from={path}: the base's {section} section differs from this config's")
     if base["partition"] != plain["partition"]:
         raise BundleError(

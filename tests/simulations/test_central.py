@@ -50,6 +50,10 @@ def test_pretraining_on_the_public_pool_gives_a_base_the_federation_can_start_fr
         load_public_base(run, dataclasses.replace(cfg, partition=dataclasses.replace(cfg.partition, public_sites=(1,))))
     with pytest.raises(BundleError, match="model section differs"):
         load_public_base(run, load(path, ["model.channels=16"]))
+    with pytest.raises(BundleError, match="diffusion section differs"):
+        load_public_base(run, load(path, ["diffusion.beta_end=0.05"]))
+    # Sampling is not training: an evaluation that samples with fewer steps still finds its base.
+    assert load_public_base(run, load(path, ["diffusion.sample_steps=3", "diffusion.sampler=ddim"]))[0]
     with pytest.raises(ValueError, match="needs a public pool"):
         run_central(load(tiny_run_config(tiny_ptbxl.root, tmp_path / "nopool")), tmp_path / "x", progress=False, pool="public")
 
