@@ -23,7 +23,9 @@ from client.audit import audit_summary, coins_for_run, site_canaries, with_canar
 from common.config import Config
 from common.data.dataset import ECGDataset, load_dataset
 from common.data.metadata import load_metadata
-from common.data.partition import Partition, make_partition, one_record_per_patient
+from common.data.partition import make_partition
+from common.data.partition_types import Partition
+from common.data.patient_choice import one_record_per_patient
 from common.diffusion import GaussianDiffusion
 from common.model.denoiser import build_denoiser
 from common.normalization import federated_normalizer

@@ -100,9 +100,14 @@ class ECGGenerator:
 
 def build_generator(cfg: Config, state: dict[str, torch.Tensor], normalizer: Normalizer, source: Path) -> ECGGenerator:
     model = build_denoiser(cfg.model)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise BundleError(f"{source}: weights do not fit the configured model (missing {missing}, unexpected {unexpected})")
+    expected = model.state_dict()
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    misshapen = [f"{name} {tuple(state[name].shape)} vs {tuple(expected[name].shape)}"
+                 for name in sorted(set(expected) & set(state)) if state[name].shape != expected[name].shape]
+    if missing or unexpected or misshapen:
+        raise BundleError(f"{source}: weights do not fit the configured model (missing {missing[:3]}, "
+                          f"unexpected {unexpected[:3]}, shapes differ: {misshapen[:3]})")
+    model.load_state_dict(state)
     model.eval()
     return ECGGenerator(cfg=cfg, model=model, diffusion=GaussianDiffusion(cfg.diffusion), normalizer=normalizer, source=source)
 

@@ -1,4 +1,4 @@
-"""Gaussian diffusion: schedule, q_sample, per-sample losses, DDPM/DDIM sampling.
+"""Gaussian diffusion: q_sample, per-sample losses, DDPM/DDIM sampling (the schedule is noise_schedule.py).
 
 A plain class (not an nn.Module), as in openai/improved-diffusion: the model is passed in, so a DP engine
 can wrap the denoiser alone. The model is any callable
@@ -32,7 +32,9 @@ eps = eps_u + s (eps_c - eps_u); s = 1 is the plain conditional model (no uncond
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Protocol
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -40,10 +42,15 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from common.config import DiffusionConfig
+from common.diffusion_inputs import (
+    check_training_inputs,
+    override_rows,
+    sample_channels,
+)
+from common.noise_schedule import beta_schedule, schedule_tables
 
-__all__ = ["EpsModel", "GaussianDiffusion", "beta_schedule"]
+__all__ = ["EpsModel", "GaussianDiffusion"]
 
-MEL_TARGETS = ("posterior_mean", "x0")
 SAMPLERS = ("ddim", "ddpm")
 PREDICTIONS = ("eps", "v")
 
@@ -52,29 +59,6 @@ class EpsModel(Protocol):
     def __call__(
         self, x: Tensor, t: Tensor, labels: Tensor, demographics: Tensor, cond_keep: Tensor | None = None
     ) -> Tensor: ...
-
-
-def beta_schedule(name: str, timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> np.ndarray:
-    """Betas (float64 [T]): 'linear' from beta_start to beta_end, or 'cosine' (Nichol & Dhariwal 2021)."""
-    if timesteps < 1:
-        raise ValueError(f"diffusion.timesteps must be >= 1, got {timesteps}")
-    if name == "linear":
-        if not 0.0 < beta_start <= beta_end < 1.0:
-            raise ValueError(
-                f"diffusion: the linear schedule needs 0 < beta_start <= beta_end < 1, got {beta_start}, {beta_end}"
-            )
-        return np.linspace(beta_start, beta_end, timesteps, dtype=np.float64)
-    if name == "cosine":
-        s = 0.008
-
-        def alpha_bar(u: float) -> float:
-            return math.cos((u + s) / (1 + s) * math.pi / 2) ** 2
-
-        return np.array(
-            [min(1 - alpha_bar((i + 1) / timesteps) / alpha_bar(i / timesteps), 0.999) for i in range(timesteps)],
-            dtype=np.float64,
-        )
-    raise ValueError(f"diffusion.schedule: unknown schedule {name!r} (known: linear, cosine)")
 
 
 def _draw(kind: str, shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device, **kw) -> Tensor:
@@ -89,38 +73,14 @@ def _draw(kind: str, shape: tuple[int, ...], generator: torch.Generator | None, 
     return out.to(device)
 
 
-def _check_training_inputs(x0: Tensor, labels: Tensor, demographics: Tensor, mel_loss: Any, mel_weight: float,
-                           mel_target: str, cond_dropout: float, k: Any) -> None:
-    if x0.dim() != 3:
-        raise ValueError(f"training_losses: x0 must be [B, C, L], got {tuple(x0.shape)}")
-    if not isinstance(k, int) or k < 1:
-        raise ValueError(f"training_losses: noise_multiplicity must be an integer >= 1, got {k!r}")
-    if not 0.0 <= cond_dropout <= 1.0:
-        raise ValueError(f"training_losses: cond_dropout must lie in [0, 1], got {cond_dropout}")
-    if mel_target not in MEL_TARGETS:
-        raise ValueError(f"training_losses: mel_target must be one of {MEL_TARGETS}, got {mel_target!r}")
-    if mel_weight < 0:
-        raise ValueError(f"training_losses: mel_weight must be >= 0, got {mel_weight}")
-    if mel_weight > 0 and mel_loss is None:
-        raise ValueError("training_losses: mel_weight > 0 needs a mel_loss")
-    batch = x0.shape[0]
-    if labels.shape[0] != batch or demographics.shape[0] != batch:
-        raise ValueError(
-            f"training_losses: labels {tuple(labels.shape)} and demographics {tuple(demographics.shape)} "
-            f"must have the batch size {batch} of x0"
-        )
+@dataclass(frozen=True)
+class _SamplingPlan:
+    """A checked sampling request: the sampler, its timesteps (descending), eta and the guidance scale."""
 
-
-def _override_rows(value: Tensor | None, name: str, batch: int, k: int, per_row: tuple[int, ...],
-                   device: torch.device) -> Tensor | None:
-    """A caller's [B, K, ...] (or [B, ...] when K = 1) override as [B*K, ...] rows on `device`."""
-    if value is None:
-        return None
-    allowed = [(batch, k, *per_row)] + ([(batch, *per_row)] if k == 1 else [])
-    if tuple(value.shape) not in allowed:
-        shapes = " or ".join(map(str, allowed))
-        raise ValueError(f"training_losses: {name} must have shape {shapes}, got {tuple(value.shape)}")
-    return value.reshape(batch * k, *per_row).to(device)
+    sampler: str
+    timesteps: list[int]
+    eta: float
+    guidance_scale: float
 
 
 class GaussianDiffusion:
@@ -134,23 +94,7 @@ class GaussianDiffusion:
         self.cfg = cfg
         betas = beta_schedule(cfg.schedule, cfg.timesteps, cfg.beta_start, cfg.beta_end)
         self.num_timesteps = int(betas.shape[0])
-        alphas = 1.0 - betas
-        alphas_cumprod = np.cumprod(alphas)
-        alphas_cumprod_prev = np.append(1.0, alphas_cumprod[:-1])
-        posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
-        table = {
-            "betas": betas,
-            "alphas_cumprod": alphas_cumprod,
-            "alphas_cumprod_prev": alphas_cumprod_prev,
-            "sqrt_alphas_cumprod": np.sqrt(alphas_cumprod),
-            "sqrt_one_minus_alphas_cumprod": np.sqrt(1.0 - alphas_cumprod),
-            "sqrt_recip_alphas_cumprod": np.sqrt(1.0 / alphas_cumprod),
-            "sqrt_recipm1_alphas_cumprod": np.sqrt(1.0 / alphas_cumprod - 1.0),
-            "posterior_variance": posterior_variance,
-            "posterior_mean_coef1": betas * np.sqrt(alphas_cumprod_prev) / (1.0 - alphas_cumprod),
-            "posterior_mean_coef2": (1.0 - alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - alphas_cumprod),
-        }
-        self._tables = {name: torch.from_numpy(values) for name, values in table.items()}  # float64 [T]
+        self._tables = {name: torch.from_numpy(values) for name, values in schedule_tables(betas).items()}  # float64 [T]
         self._on_device: dict[tuple[str, torch.device], Tensor] = {}
 
     # -- schedule lookups --------------------------------------------------------------------------------
@@ -250,9 +194,9 @@ class GaussianDiffusion:
         t ([B, K] or [B] when K = 1), noise ([B, K, C, L] or [B, C, L]) and cond_keep (same layout as t)
         override the random draws, for tests and exact replays. Timesteps are uniform on [0, T).
         """
-        _check_training_inputs(x0, labels, demographics, mel_loss, mel_weight, mel_target, cond_dropout, noise_multiplicity)
+        check_training_inputs(x0, labels, demographics, mel_loss, mel_weight, mel_target, cond_dropout, noise_multiplicity)
         batch, k = x0.shape[0], noise_multiplicity
-        t, noise, cond_keep = (_override_rows(value, name, batch, k, per_row, x0.device) for value, name, per_row in
+        t, noise, cond_keep = (override_rows(value, name, batch, k, per_row, x0.device) for value, name, per_row in
                                ((t, "t", ()), (noise, "noise", tuple(x0.shape[1:])), (cond_keep, "cond_keep", ())))
         if k > 1:  # example-major: rows i*K .. i*K+K-1 are example i
             x0, labels, demographics = (v.repeat_interleave(k, dim=0) for v in (x0, labels, demographics))
@@ -347,6 +291,24 @@ class GaussianDiffusion:
         with stochasticity eta. Unset arguments come from the diffusion config. C defaults to
         model.in_channels.
         """
+        plan = self._plan(steps, sampler, eta, guidance_scale)
+        channels = sample_channels(model, labels, demographics, length, channels)
+        dtype = next(iter(model.parameters())).dtype if isinstance(model, nn.Module) else torch.float32
+        was_training = isinstance(model, nn.Module) and model.training
+        if isinstance(model, nn.Module):
+            model.eval()
+        try:
+            x = _draw("randn", (labels.shape[0], channels, length), generator, labels.device, dtype=dtype)
+            for i in tqdm(range(len(plan.timesteps)), desc=f"{plan.sampler} sampling", disable=not progress, leave=False):
+                x = self._reverse_step(model, x, plan, i, labels, demographics, generator)
+        finally:
+            if was_training:
+                model.train()
+        return x
+
+    def _plan(self, steps: int | None, sampler: str | None, eta: float | None,
+              guidance_scale: float | None) -> _SamplingPlan:
+        """The sampling request with the config's defaults filled in, checked, and its descending timesteps."""
         sampler = self.cfg.sampler if sampler is None else sampler
         eta = self.cfg.eta if eta is None else float(eta)
         guidance_scale = self.cfg.guidance_scale if guidance_scale is None else float(guidance_scale)
@@ -364,41 +326,23 @@ class GaussianDiffusion:
             timesteps = list(range(self.num_timesteps - 1, -1, -1))
         else:
             timesteps = self.ddim_timesteps(self.cfg.sample_steps if steps is None else steps)
-        if labels.dim() != 2 or demographics.dim() != 2 or labels.shape[0] != demographics.shape[0]:
-            raise ValueError(
-                f"sample: labels [B, 71] and demographics [B, 8] must be 2-D with one row per sample, "
-                f"got {tuple(labels.shape)} and {tuple(demographics.shape)}"
-            )
-        if length < 1:
-            raise ValueError(f"sample: length must be positive, got {length}")
-        if channels is None:
-            channels = getattr(model, "in_channels", None)
-            if channels is None:
-                raise ValueError("sample: pass channels= for a model without an in_channels attribute")
-        batch = labels.shape[0]
-        device = labels.device
-        dtype = next(iter(model.parameters())).dtype if isinstance(model, nn.Module) else torch.float32
-        was_training = isinstance(model, nn.Module) and model.training
-        if isinstance(model, nn.Module):
-            model.eval()
-        try:
-            x = _draw("randn", (batch, channels, length), generator, device, dtype=dtype)
-            for i, step in enumerate(tqdm(timesteps, desc=f"{sampler} sampling", disable=not progress, leave=False)):
-                t = torch.full((batch,), step, device=device, dtype=torch.long)
-                output = self.model_eps(model, x, t, labels, demographics, guidance_scale)
-                x0_hat, eps = self.split_output(x, t, output)
-                last = i == len(timesteps) - 1
-                if sampler == "ddpm":
-                    x = self.posterior_mean(x0_hat, x, t)
-                    if step > 0:
-                        z = _draw("randn", tuple(x.shape), generator, device, dtype=x.dtype)
-                        x = x + self.posterior_variance(t, x).sqrt() * z
-                else:
-                    x = self._ddim_step(x0_hat, eps, step, -1 if last else timesteps[i + 1], eta, generator)
-        finally:
-            if was_training:
-                model.train()
-        return x
+        return _SamplingPlan(sampler, timesteps, eta, guidance_scale)
+
+    def _reverse_step(self, model: EpsModel, x: Tensor, plan: _SamplingPlan, i: int, labels: Tensor,
+                      demographics: Tensor, generator: torch.Generator | None) -> Tensor:
+        """x at the plan's i-th timestep to the next one (to x0 after the last)."""
+        step = plan.timesteps[i]
+        t = torch.full((x.shape[0],), step, device=x.device, dtype=torch.long)
+        output = self.model_eps(model, x, t, labels, demographics, plan.guidance_scale)
+        x0_hat, eps = self.split_output(x, t, output)
+        if plan.sampler == "ddpm":
+            x = self.posterior_mean(x0_hat, x, t)
+            if step > 0:
+                z = _draw("randn", tuple(x.shape), generator, x.device, dtype=x.dtype)
+                x = x + self.posterior_variance(t, x).sqrt() * z
+            return x
+        prev = plan.timesteps[i + 1] if i + 1 < len(plan.timesteps) else -1
+        return self._ddim_step(x0_hat, eps, step, prev, plan.eta, generator)
 
     def _ddim_moments(self, x0_hat: Tensor, eps: Tensor, step: int, prev: int, eta: float) -> tuple[Tensor, float]:
         """Mean and standard deviation of x_prev given x_t (Song et al. 2021, eq. 12); prev = -1 is the final x0."""

@@ -180,29 +180,52 @@ def train_local(
         meter.examples += int(x0.shape[0])
         loop.optimizer.zero_grad(set_to_none=True)
         if x0.shape[0] == 0:  # an empty Poisson batch: the noise-only step DP-SGD still owes
-            loop.private.empty_step()
-            _advance(scheduler)
-            meter.empty_batches += 1
+            _empty_step(loop, scheduler, meter)
             bar.update(1)
             continue
-        with _autocast(device, tc.mixed_precision):
-            losses = _losses(diffusion, loop.trained, x0, labels, demographics, cfg, mel_loss)
-        per_sample = losses["loss"].float()  # [B]: DP clips per example
-        _descend(loop, per_sample, tc.grad_clip, scheduler)
-        _proximal_step(model, anchor, lr * proximal_mu)
-        if ema is not None:
-            ema.update(model)
+        per_sample, losses = _learn(loop, diffusion, x0, labels, demographics, cfg, mel_loss, scheduler)
+        _after_step(model, anchor, lr * proximal_mu, ema)
         batch = meter.add(per_sample, losses, step, description)
         bar.update(1)
         bar.set_postfix(loss=f"{batch['loss']:.4f}", mel=f"{batch['mel']:.3f}")
         if step % max(1, tc.log_every) == 0 or step == steps:
-            row = meter.log_row(step)
-            if on_log is not None:
-                on_log(row, loop.optimizer)
+            _log(meter, step, loop.optimizer, on_log)
     bar.close()
     if loop.private is not None:
         loop.private.close(steps)
     return meter.result(steps, taken=max(1, steps - start_step - meter.empty_batches))
+
+
+def _empty_step(loop: _Loop, scheduler, meter: _Meter) -> None:
+    """Noise alone (the step still counts for the accountant and the schedule)."""
+    loop.private.empty_step()
+    _advance(scheduler)
+    meter.empty_batches += 1
+
+
+def _learn(loop: _Loop, diffusion: GaussianDiffusion, x0: torch.Tensor, labels: torch.Tensor, demographics: torch.Tensor,
+           cfg: Config, mel_loss: MelSpectrogramLoss | None, scheduler) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One gradient step on a non-empty batch; its per-example losses [B] and the loss terms."""
+    with _autocast(x0.device, cfg.train.mixed_precision):
+        losses = _losses(diffusion, loop.trained, x0, labels, demographics, cfg, mel_loss)
+    per_sample = losses["loss"].float()  # [B]: DP clips per example
+    _descend(loop, per_sample, cfg.train.grad_clip, scheduler)
+    return per_sample, losses
+
+
+def _after_step(model: nn.Module, anchor: dict[str, torch.Tensor] | None, rate: float, ema: EMA | None) -> None:
+    """What follows the optimizer step, both data-independent: the FedProx pull, then the EMA update."""
+    _proximal_step(model, anchor, rate)
+    if ema is not None:
+        ema.update(model)
+
+
+def _log(meter: _Meter, step: int, optimizer: torch.optim.Optimizer,
+         on_log: Callable[[dict[str, float], torch.optim.Optimizer], None] | None) -> None:
+    """Close the meter's window into a log row and hand it to `on_log`."""
+    row = meter.log_row(step)
+    if on_log is not None:
+        on_log(row, optimizer)
 
 
 def _start(model: nn.Module, data: TrainingData, tc: Any, steps: int, start_step: int, budget: SiteBudget | None,

@@ -33,6 +33,8 @@ from scipy import signal, stats
 
 from common.data.demographics import fold_age
 
+from . import fiducials
+
 if TYPE_CHECKING:
     from .classifier import ClassifierConfig, ResNet1d
 
@@ -48,19 +50,6 @@ PLAUSIBLE = {
 }
 
 
-def _sos(low: float | None, high: float | None, fs: int, order: int = 2) -> np.ndarray:
-    nyq = fs / 2
-    if low is None:
-        return signal.butter(order, high / nyq, btype="lowpass", output="sos")
-    if high is None or high >= nyq:
-        return signal.butter(order, low / nyq, btype="highpass", output="sos")
-    return signal.butter(order, [low / nyq, high / nyq], btype="bandpass", output="sos")
-
-
-def _filt(x: np.ndarray, low: float | None, high: float | None, fs: int) -> np.ndarray:
-    return signal.sosfiltfilt(_sos(low, high, fs), x, axis=-1)
-
-
 def detect_r_peaks(lead: np.ndarray, fs: int = FS) -> np.ndarray:
     """Sample indices of R peaks in one lead (1-D, mV). Empty for flat or too-short signals."""
     x = np.asarray(lead, dtype=np.float64)
@@ -70,61 +59,16 @@ def detect_r_peaks(lead: np.ndarray, fs: int = FS) -> np.ndarray:
         raise ValueError("lead contains NaN or inf")
     if x.size < fs or np.ptp(x) < 1e-4:
         return np.zeros(0, dtype=np.int64)
-    band = _filt(x, 5.0, 20.0, fs)
-    energy = np.gradient(band) ** 2
-    window = max(1, int(round(0.15 * fs)))
-    mwi = np.convolve(energy, np.ones(window) / window, mode="same")
+    mwi = fiducials.integrated_energy(x, fs)
     refractory = int(round(REFRACTORY_S * fs))
     candidates, _ = signal.find_peaks(mwi, distance=refractory)
     if candidates.size == 0:
         return np.zeros(0, dtype=np.int64)
-    heights = mwi[candidates]
-    learn = candidates < 2 * fs
-    spk = 0.25 * (heights[learn].max() if learn.any() else heights.max())
-    npk = 0.5 * float(np.mean(mwi[: 2 * fs]))
-    accepted: list[int] = []
-    rr_mean: float | None = None
-    for c, h in zip(candidates, heights):
-        threshold = npk + 0.25 * (spk - npk)
-        if accepted and c - accepted[-1] < refractory:
-            continue
-        if h > threshold:
-            if rr_mean is not None and accepted and c - accepted[-1] > 1.66 * rr_mean:
-                # Search back for a missed beat between the last accepted peak and this one.
-                lo, hi = accepted[-1] + refractory, c - refractory
-                between = candidates[(candidates > lo) & (candidates < hi)]
-                if between.size:
-                    best = between[np.argmax(mwi[between])]
-                    if mwi[best] > 0.5 * threshold:
-                        accepted.append(int(best))
-                        spk = 0.25 * mwi[best] + 0.75 * spk
-            accepted.append(int(c))
-            spk = 0.125 * h + 0.875 * spk
-            if len(accepted) >= 2:
-                rr = np.diff(accepted[-9:])
-                rr_mean = float(rr.mean())
-        else:
-            npk = 0.125 * h + 0.875 * npk
+    accepted = fiducials.threshold_peaks(mwi, candidates, refractory, fs)
     if not accepted:
         return np.zeros(0, dtype=np.int64)
-    # Place each beat on the extreme of the broadband signal, with the record's dominant polarity.
-    wide = _filt(x, 0.5, 40.0, fs)
-    half = int(round(0.08 * fs))
-    peaks_pos, peaks_neg = [], []
-    for c in accepted:
-        lo, hi = max(0, c - half), min(x.size, c + half + 1)
-        seg = wide[lo:hi]
-        peaks_pos.append((lo + int(np.argmax(seg)), float(seg.max())))
-        peaks_neg.append((lo + int(np.argmin(seg)), float(-seg.min())))
-    use_pos = np.median([a for _, a in peaks_pos]) >= np.median([a for _, a in peaks_neg])
-    chosen = [p for p, _ in (peaks_pos if use_pos else peaks_neg)]
-    r = np.unique(np.asarray(chosen, dtype=np.int64))
-    # Two energy peaks may land on the same R (notched QRS): keep peaks a refractory period apart.
-    keep = [r[0]]
-    for p in r[1:]:
-        if p - keep[-1] >= refractory:
-            keep.append(p)
-    return np.asarray(keep, dtype=np.int64)
+    r = fiducials.place_on_extreme(fiducials.zero_phase_filter(x, 0.5, 40.0, fs), accepted, fs)
+    return fiducials.drop_close(r, refractory)
 
 
 @dataclass
@@ -165,10 +109,10 @@ def delineate(lead: np.ndarray, fs: int = FS) -> Beats:
                   np.concatenate([[np.nan], np.diff(r) / fs]) if n else np.zeros(0))
     if n == 0:
         return beats
-    wide = _filt(x, 0.5, 40.0, fs)
-    wave = _Filtered(slope=np.abs(np.gradient(wide)), low=_filt(x, 0.5, 15.0, fs), fs=fs)
+    wide = fiducials.zero_phase_filter(x, 0.5, 40.0, fs)
+    wave = fiducials.Filtered(slope=np.abs(np.gradient(wide)), low=fiducials.zero_phase_filter(x, 0.5, 15.0, fs), fs=fs)
     for i, rp in enumerate(r):
-        qrs = _qrs_bounds(wave, rp)
+        qrs = fiducials.qrs_bounds(wave, rp)
         if qrs is None:
             continue  # no quiet segment found: QRS boundary undefined
         on, off = qrs
@@ -176,93 +120,11 @@ def delineate(lead: np.ndarray, fs: int = FS) -> Beats:
         iso = wave.low[on]  # the PR level
         # P wave before QRS onset; not into the previous beat: after its T wave when that was found.
         p_lo = on - wave.ms(250) if i == 0 else max(on - wave.ms(250), r[i - 1] + wave.ms(200), beats.t_end[i - 1] + 1)
-        beats.p_on[i] = _p_onset(wave, iso, p_lo, on - wave.ms(40))
+        beats.p_on[i] = fiducials.p_onset(wave, iso, p_lo, on - wave.ms(40))
         # T wave after QRS offset, bounded by the next QRS.
         t_hi = off + wave.ms(450) if i + 1 == n else min(off + wave.ms(450), r[i + 1] - wave.ms(100))
-        beats.t_end[i] = _t_end(wave, iso, off + wave.ms(80), min(t_hi, x.size - 1))
+        beats.t_end[i] = fiducials.t_end(wave, iso, off + wave.ms(80), min(t_hi, x.size - 1))
     return beats
-
-
-@dataclass(frozen=True)
-class _Filtered:
-    """One lead through the delineator's filters: |slope| at 0.5-40 Hz (QRS), 0.5-15 Hz (P and T waves)."""
-
-    slope: np.ndarray
-    low: np.ndarray
-    fs: int
-
-    @property
-    def size(self) -> int:
-        return self.low.size
-
-    def ms(self, v: float) -> int:
-        """Milliseconds to samples."""
-        return int(round(v * self.fs / 1000.0))
-
-
-def _qrs_bounds(wave: _Filtered, rp: int) -> tuple[int, int] | None:
-    """(onset, offset): walking out from the steepest slopes within 100 ms of R until the slope is quiet."""
-    ms, size, slope = wave.ms, wave.size, wave.slope
-    lo = max(0, rp - ms(100))
-    hi = min(size - 1, rp + ms(100))
-    if rp - lo < 2 or hi - rp < 2:
-        return None
-    pre = lo + int(np.argmax(slope[lo:rp + 1]))
-    post = rp + int(np.argmax(slope[rp:hi + 1]))
-    thr = 0.15 * max(slope[pre], slope[post])
-    on = pre
-    limit_on = max(0, rp - ms(150))
-    while on > limit_on and slope[on] > thr:
-        on -= 1
-    off = post
-    limit_off = min(size - 1, rp + ms(150))
-    while off < limit_off and slope[off] > thr:
-        off += 1
-    if on <= limit_on or off >= limit_off:
-        return None
-    return on, off
-
-
-def _p_onset(wave: _Filtered, iso: float, p_lo: int, p_hi: int) -> int:
-    """P onset in [p_lo, p_hi) (-1: no P wave of at least 0.03 mV there)."""
-    if p_lo < 0 or p_hi - p_lo < 3:
-        return -1
-    low = wave.low
-    dev = low[p_lo:p_hi] - iso
-    k = int(np.argmax(np.abs(dev)))
-    amp = dev[k]
-    if abs(amp) < 0.03:
-        return -1
-    p_peak = p_lo + k
-    j = p_peak
-    stop = max(0, p_peak - wave.ms(120))
-    while j > stop and abs(low[j] - iso) > 0.2 * abs(amp):
-        j -= 1
-    return j if j > stop else -1
-
-
-def _t_end(wave: _Filtered, iso: float, t_lo: int, t_hi: int) -> int:
-    """T end by the tangent method, the T peak searched in [t_lo, t_hi) (-1: not found)."""
-    if t_hi - t_lo < 3:
-        return -1
-    low, ms = wave.low, wave.ms
-    dev = low[t_lo:t_hi] - iso
-    k = int(np.argmax(np.abs(dev)))
-    t_peak = t_lo + k
-    sign = np.sign(dev[k]) or 1.0
-    d_hi = min(t_hi, t_peak + ms(200))
-    if d_hi - t_peak < 2:
-        return -1
-    d = np.gradient(low[t_peak:d_hi + 1])
-    m = int(np.argmax(-sign * d))  # steepest descent back towards the PR level
-    steep = -sign * d[m]
-    if steep <= 1e-6:
-        return -1
-    m_abs = t_peak + m
-    end = m_abs + sign * (low[m_abs] - iso) / steep
-    if t_peak < end <= min(wave.size - 1, t_peak + ms(300)):
-        return int(round(end))
-    return -1
 
 
 def record_features(lead: np.ndarray, fs: int = FS) -> tuple[dict[str, float], Beats]:
@@ -375,10 +237,10 @@ def train_demographic_predictors(
     x12: np.ndarray,
     age: np.ndarray,
     sex: np.ndarray,
-    cfg: "ClassifierConfig",
+    cfg: ClassifierConfig,
     cache_dir: str | None = None,
     progress: bool = True,
-) -> tuple["ResNet1d", "ResNet1d"]:
+) -> tuple[ResNet1d, ResNet1d]:
     """Age regressor and sex classifier (the shared CNN) trained on real records with known values.
 
     age in years (ages over 89 folded to 90), sex 0 male / 1 female; NaN marks missing and is skipped.
@@ -399,7 +261,7 @@ def train_demographic_predictors(
 
 
 def demographic_scores(
-    age_model: "ResNet1d", sex_model: "ResNet1d", x12: np.ndarray, age: np.ndarray, sex: np.ndarray
+    age_model: ResNet1d, sex_model: ResNet1d, x12: np.ndarray, age: np.ndarray, sex: np.ndarray
 ) -> dict[str, float | None]:
     """Age MAE (years) and sex AUROC/accuracy of the predictors on records with known target values."""
     from sklearn.metrics import roc_auc_score

@@ -40,6 +40,12 @@ class Timing:
     step: list[float] = field(default_factory=list)
     cpu: list[float] = field(default_factory=list)  # process CPU seconds per whole step
 
+    def add(self, cpu: float, forward: float, backward: float, step: float) -> None:
+        self.cpu.append(cpu)
+        self.forward.append(forward)
+        self.backward.append(backward)
+        self.step.append(step)
+
     def summary(self) -> dict[str, float]:
         def mean(values: list[float]) -> float:
             return sum(values) / len(values)
@@ -74,11 +80,9 @@ def run_variant(args: argparse.Namespace) -> dict[str, Any]:
     """One variant in this process; returns its measurements."""
     import torch
 
-    from common.config import DiffusionConfig, MidtConfig, ModelConfig
+    from common.config import DiffusionConfig, ModelConfig
     from common.diffusion import GaussianDiffusion
-    from common.losses import MelSpectrogramLoss
     from common.model.denoiser import build_denoiser, count_parameters
-    from common.privacy.samplers import modules_on_functorch_fallback, s4d_functorch_fallback
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -96,81 +100,115 @@ def run_variant(args: argparse.Namespace) -> dict[str, Any]:
         torch.cuda.reset_peak_memory_stats(device)
     use_amp = args.amp and device.type == "cuda"
     autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16) if use_amp else contextlib.nullcontext()
-
-    if args.variant in SAMPLE_VARIANTS:
-        sampler, steps = ("ddim", 50) if args.variant == "ddim50" else ("ddpm", None)
-        labels = (torch.rand(args.sample_batch, NUM_LABELS, generator=generator) < 0.05).float().to(device)
-        demographics = torch.randn(args.sample_batch, DEMO_DIM, generator=generator).to(device)
-        with autocast:
-            diffusion.sample(model, labels, demographics, steps=3, sampler="ddim", length=LENGTH)  # warm-up
-            _sync(device)
-            cpu_start, start = time.process_time(), time.perf_counter()
-            diffusion.sample(
-                model, labels, demographics, steps=steps, sampler=sampler, generator=generator, length=LENGTH,
-                progress=args.progress,
-            )  # fmt: skip
-            _sync(device)
-        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
-        result.update(seconds=elapsed, cpu_s=cpu, per_sample_s=elapsed / args.sample_batch, batch=args.sample_batch)
-    else:
-        use_mel = args.variant != "train_eps"
-        mel_loss = MelSpectrogramLoss(MidtConfig()).to(device) if use_mel else None
-        mel_weight = MidtConfig().weight if use_mel else 0.0
-        optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-        trained = model
-        fallback = s4d_functorch_fallback() if args.variant == "dp_functorch" else contextlib.nullcontext()
-        with fallback:
-            if args.variant.startswith("dp_"):
-                import warnings
-
-                from opacus import PrivacyEngine
-                from torch.utils.data import DataLoader, TensorDataset
-
-                result["functorch_fallback_modules"] = modules_on_functorch_fallback(model)
-                data = TensorDataset(*_batch(args.batch, generator, torch.device("cpu")))
-                engine = PrivacyEngine(accountant="rdp")
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    trained, optimizer, _ = engine.make_private(
-                        module=model,
-                        optimizer=optimizer,
-                        data_loader=DataLoader(data, batch_size=args.batch),
-                        noise_multiplier=1.0,
-                        max_grad_norm=1.0,
-                        poisson_sampling=False,  # a fixed batch: per-sample times stay comparable
-                    )
-            timing = Timing()
-            for step in range(args.warmup + args.steps):
-                x0, labels, demographics = _batch(args.batch, generator, device)
-                optimizer.zero_grad(set_to_none=True)
-                _sync(device)
-                c0 = time.process_time()
-                t0 = time.perf_counter()
-                with autocast:
-                    losses = diffusion.training_losses(
-                        trained, x0, labels, demographics, mel_loss=mel_loss, mel_weight=mel_weight, cond_dropout=0.1
-                    )
-                loss = losses["loss"].float().mean()
-                _sync(device)
-                t1 = time.perf_counter()
-                loss.backward()
-                _sync(device)
-                t2 = time.perf_counter()
-                optimizer.step()
-                _sync(device)
-                t3 = time.perf_counter()
-                c3 = time.process_time()
-                if step >= args.warmup:
-                    timing.cpu.append(c3 - c0)
-                    timing.forward.append(t1 - t0)
-                    timing.backward.append(t2 - t1)
-                    timing.step.append(t3 - t2)
-            result.update(timing.summary(), batch=args.batch)
-            result["per_sample_s"] = result["step_s"] / args.batch
-            result["per_sample_cpu_s"] = result["cpu_s"] / args.batch
+    timed = _time_sampling if args.variant in SAMPLE_VARIANTS else _time_training
+    result.update(timed(args, model, diffusion, generator, device, autocast))
     if device.type == "cuda":
         result["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
     return result
+
+
+def _time_sampling(args: argparse.Namespace, model: Any, diffusion: Any, generator: Any, device: Any,
+                   autocast: Any) -> dict[str, Any]:
+    """One DDIM-50 or DDPM-200 draw of --sample-batch samples, after a short warm-up draw."""
+    import torch
+
+    sampler, steps = ("ddim", 50) if args.variant == "ddim50" else ("ddpm", None)
+    labels = (torch.rand(args.sample_batch, NUM_LABELS, generator=generator) < 0.05).float().to(device)
+    demographics = torch.randn(args.sample_batch, DEMO_DIM, generator=generator).to(device)
+    with autocast:
+        diffusion.sample(model, labels, demographics, steps=3, sampler="ddim", length=LENGTH)  # warm-up
+        _sync(device)
+        cpu_start, start = time.process_time(), time.perf_counter()
+        diffusion.sample(
+            model, labels, demographics, steps=steps, sampler=sampler, generator=generator, length=LENGTH,
+            progress=args.progress,
+        )  # fmt: skip
+        _sync(device)
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    return {"seconds": elapsed, "cpu_s": cpu, "per_sample_s": elapsed / args.sample_batch, "batch": args.sample_batch}
+
+
+def _time_training(args: argparse.Namespace, model: Any, diffusion: Any, generator: Any, device: Any,
+                   autocast: Any) -> dict[str, Any]:
+    """--warmup untimed then --steps timed training steps (eps or eps + mel; under Opacus for dp_*)."""
+    import torch
+
+    from common.config import MidtConfig
+    from common.losses import MelSpectrogramLoss
+    from common.privacy.samplers import (
+        modules_on_functorch_fallback,
+        s4d_functorch_fallback,
+    )
+
+    use_mel = args.variant != "train_eps"
+    mel_loss = MelSpectrogramLoss(MidtConfig()).to(device) if use_mel else None
+    mel_weight = MidtConfig().weight if use_mel else 0.0
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    trained = model
+    result: dict[str, Any] = {}
+    fallback = s4d_functorch_fallback() if args.variant == "dp_functorch" else contextlib.nullcontext()
+    with fallback:
+        if args.variant.startswith("dp_"):
+            result["functorch_fallback_modules"] = modules_on_functorch_fallback(model)
+            trained, optimizer = _make_private(model, optimizer, args.batch, generator)
+        timing = Timing()
+        for step in range(args.warmup + args.steps):
+            batch = _batch(args.batch, generator, device)
+            phases = _timed_step(trained, optimizer, diffusion, batch, mel_loss, mel_weight, device, autocast)
+            if step >= args.warmup:
+                timing.add(*phases)
+        result.update(timing.summary(), batch=args.batch)
+        result["per_sample_s"] = result["step_s"] / args.batch
+        result["per_sample_cpu_s"] = result["cpu_s"] / args.batch
+    return result
+
+
+def _make_private(model: Any, optimizer: Any, batch: int, generator: Any) -> tuple[Any, Any]:
+    """Opacus' hooks on the model and a DP optimizer, over one fixed batch (per-sample times stay comparable)."""
+    import warnings
+
+    import torch
+    from opacus import PrivacyEngine
+    from torch.utils.data import DataLoader, TensorDataset
+
+    data = TensorDataset(*_batch(batch, generator, torch.device("cpu")))
+    engine = PrivacyEngine(accountant="rdp")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trained, optimizer, _ = engine.make_private(
+            module=model,
+            optimizer=optimizer,
+            data_loader=DataLoader(data, batch_size=batch),
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            poisson_sampling=False,
+        )
+    return trained, optimizer
+
+
+def _timed_step(trained: Any, optimizer: Any, diffusion: Any, batch: tuple[Any, Any, Any], mel_loss: Any,
+                mel_weight: float, device: Any, autocast: Any) -> tuple[float, float, float, float]:
+    """One training step: (process CPU, forward, backward, optimizer) seconds, the device synchronized between."""
+    x0, labels, demographics = batch
+    optimizer.zero_grad(set_to_none=True)
+    _sync(device)
+    c0 = time.process_time()
+    t0 = time.perf_counter()
+    with autocast:
+        losses = diffusion.training_losses(
+            trained, x0, labels, demographics, mel_loss=mel_loss, mel_weight=mel_weight, cond_dropout=0.1
+        )
+    loss = losses["loss"].float().mean()
+    _sync(device)
+    t1 = time.perf_counter()
+    loss.backward()
+    _sync(device)
+    t2 = time.perf_counter()
+    optimizer.step()
+    _sync(device)
+    t3 = time.perf_counter()
+    c3 = time.process_time()
+    return c3 - c0, t1 - t0, t2 - t1, t3 - t2
 
 
 def parameter_counts() -> dict[str, int]:
@@ -211,6 +249,30 @@ def _fmt(value: Any, digits: int = 3) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.batch < 1 or args.steps < 1 or args.sample_batch < 1 or args.warmup < 0:
+        parser.error("--batch, --steps and --sample-batch must be positive, --warmup non-negative")
+
+    if args.variant:
+        print(json.dumps(run_variant(args)))
+        return 0
+
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = sorted(set(variants) - set(ALL_VARIANTS))
+    if unknown:
+        parser.error(f"unknown variants {unknown}; known: {', '.join(ALL_VARIANTS)}")
+    results = _run_children(args, variants)
+    on_cpu = args.device == "cpu"
+    _print_table(args, variants, results, on_cpu)
+    _print_ratios(results, on_cpu)
+    print("\nparameter counts")
+    for size, count in parameter_counts().items():
+        print(f"  {size:<6} {count:>12,}")
+    return 0 if all("error" not in r for r in results.values()) else 1
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -227,18 +289,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--progress", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--variant", help=argparse.SUPPRESS)  # internal: run one variant and print JSON
-    args = parser.parse_args(argv)
-    if args.batch < 1 or args.steps < 1 or args.sample_batch < 1 or args.warmup < 0:
-        parser.error("--batch, --steps and --sample-batch must be positive, --warmup non-negative")
+    return parser
 
-    if args.variant:
-        print(json.dumps(run_variant(args)))
-        return 0
 
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = sorted(set(variants) - set(ALL_VARIANTS))
-    if unknown:
-        parser.error(f"unknown variants {unknown}; known: {', '.join(ALL_VARIANTS)}")
+def _run_children(args: argparse.Namespace, variants: list[str]) -> dict[str, dict[str, Any]]:
+    """Each variant in its own subprocess, in order; its measurements (or its error) by name."""
     try:
         from tqdm import tqdm
     except ImportError:  # pragma: no cover - tqdm is a dependency
@@ -249,8 +304,15 @@ def main(argv: list[str] | None = None) -> int:
         if tqdm:
             iterator.set_postfix(variant=variant)
         results[variant] = _child(args, variant)
+    return results
 
-    on_cpu = args.device == "cpu"
+
+def _wall(variant: str, r: dict[str, Any]) -> float:
+    """Wall-clock seconds of a variant: the whole draw for sampling, one step for training."""
+    return r["seconds"] if variant in SAMPLE_VARIANTS else r["step_s"]
+
+
+def _print_table(args: argparse.Namespace, variants: list[str], results: dict[str, dict[str, Any]], on_cpu: bool) -> None:
     threads = next((r["threads"] for r in results.values() if "threads" in r), "?")
     print(
         f"\nbench_model: size={args.size} batch={args.batch} steps={args.steps} device={args.device} "
@@ -269,14 +331,13 @@ def main(argv: list[str] | None = None) -> int:
         if "error" in r:
             print(f"{variant:<14} failed:\n    {r['error']}")
             continue
-        wall = r["seconds"] if variant in SAMPLE_VARIANTS else r["step_s"]
         if variant in SAMPLE_VARIANTS:
             phases = ("", "", "")
         else:
             phases = (_fmt(r["forward_s"]), _fmt(r["backward_s"]), _fmt(r["optim_s"]))
         cpu = _fmt(r.get("cpu_s") if on_cpu else None)
         print(
-            f"{variant:<14} {_fmt(wall):>8} {cpu:>8} {phases[0]:>7} {phases[1]:>7} {phases[2]:>8} "
+            f"{variant:<14} {_fmt(_wall(variant, r)):>8} {cpu:>8} {phases[0]:>7} {phases[1]:>7} {phases[2]:>8} "
             f"{_fmt(1000 * r['per_sample_s'], 1):>10} {_fmt(1 / r['per_sample_s'], 2):>10} "
             f"{_fmt(r.get('peak_mem_gb'), 2):>8}"
         )
@@ -286,6 +347,9 @@ def main(argv: list[str] | None = None) -> int:
             shown = "none" if not fallback else f"{len(fallback)} modules ({', '.join(fallback[:2])}, ...)"
             print(f"{variant}: modules on Opacus' functorch fallback: {shown}")
 
+
+def _print_ratios(results: dict[str, dict[str, Any]], on_cpu: bool) -> None:
+    """The targets of the module docstring, met or missed (CPU time on a CPU, else wall-clock time)."""
     key = "cpu_s" if on_cpu else None
 
     def ratio(a: str, b: str) -> float | None:
@@ -295,9 +359,7 @@ def main(argv: list[str] | None = None) -> int:
         ra, rb = results[a], results[b]
         if key:
             return ra[key] / rb[key] * (rb.get("batch", 1) / ra.get("batch", 1))
-        wall_a = ra["seconds"] if a in SAMPLE_VARIANTS else ra["step_s"]
-        wall_b = rb["seconds"] if b in SAMPLE_VARIANTS else rb["step_s"]
-        return wall_a / wall_b * (rb.get("batch", 1) / ra.get("batch", 1))
+        return _wall(a, ra) / _wall(b, rb) * (rb.get("batch", 1) / ra.get("batch", 1))
 
     print(f"\nratios of {'CPU' if on_cpu else 'wall-clock'} time (target)")
     checks = [
@@ -310,11 +372,6 @@ def main(argv: list[str] | None = None) -> int:
     for name, value, target, ok in checks:
         verdict = "" if value is None or ok is None else ("  met" if ok(value) else "  MISSED")
         print(f"  {name:<46} {_fmt(value, 2):>6}  ({target}){verdict}")
-
-    print("\nparameter counts")
-    for size, count in parameter_counts().items():
-        print(f"  {size:<6} {count:>12,}")
-    return 0 if all("error" not in r for r in results.values()) else 1
 
 
 if __name__ == "__main__":

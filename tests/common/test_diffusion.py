@@ -13,9 +13,10 @@ import torch
 from torch import nn
 
 from common.config import DiffusionConfig, MidtConfig, ModelConfig
-from common.diffusion import GaussianDiffusion, beta_schedule
+from common.diffusion import GaussianDiffusion
 from common.losses import MelSpectrogramLoss
 from common.model.denoiser import build_denoiser
+from common.noise_schedule import beta_schedule
 
 LEADS = ["I", "II", "V1", "V2", "V3", "V4", "V5", "V6"]
 

@@ -9,7 +9,7 @@ from common.config import load
 from common.normalization import federated_normalizer
 from common.privacy import verify_release
 from simulations.central import run_central
-from simulations.export import model_card
+from simulations.model_card import model_card
 from tests.run_configs import tiny_run_config
 
 pytestmark = pytest.mark.slow  # whole central runs: left out of make test-fast

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from common.data.metadata import read_metadata
-from common.data.partition import Partition
+from common.data.partition_types import Partition
 from simulations import data_commands
 from tests.fixtures_ptbxl import MirrorServer, build_mirror
 

@@ -11,14 +11,10 @@ import pytest
 from common.config import PartitionConfig
 from common.data.labels import SUPERCLASSES
 from common.data.metadata import read_metadata
-from common.data.partition import (
-    Partition,
-    PartitionError,
-    _local_split,
-    make_partition,
-    one_record_per_patient,
-    training_ids,
-)
+from common.data.partition import make_partition, training_ids
+from common.data.partition_types import Partition, PartitionError
+from common.data.patient_choice import local_split as _local_split
+from common.data.patient_choice import one_record_per_patient
 
 SCHEMES = ["site", "iid", "dirichlet", "age"]
 CODE_MENU = [{"NORM": 100.0}, {"IMI": 100.0}, {"NDT": 100.0}, {"CLBBB": 100.0}, {"LVH": 100.0}, {"SR": 0.0},

@@ -1,8 +1,7 @@
-"""PTB-XL reading on the tiny fixture: location, metadata, labels, demographics, leads, normalization, cache."""
+"""PTB-XL reading on the tiny fixture: location, metadata, labels, demographics, leads, cache."""
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -17,9 +16,8 @@ from common.data.dataset import load_dataset
 from common.data.demographics import demographics_from_request, encode_demographics
 from common.data.errors import DataError
 from common.data.labels import SUPERCLASSES
-from common.data.leads import MODEL_LEADS, derive_leads, select_model_leads
+from common.data.leads import derive_leads, select_model_leads
 from common.data.metadata import read_metadata, read_scp_statements, resolve_root
-from common.normalization import Normalizer
 from common.scp import SCP_CODES
 from tests.fixtures_ptbxl import TinyPtbxl, derive12, make_tiny_ptbxl, scp_rows, write_metadata, write_record
 
@@ -155,40 +153,6 @@ def test_derive_leads_is_exact_for_numpy_and_torch():
     np.testing.assert_array_equal(single, expected[0])
     with pytest.raises(ValueError, match=r"\[\.\.\., 8, L\]"):
         derive_leads(rng.normal(size=(2, 12, 10)))
-
-
-# -- normalization ----------------------------------------------------------------------------------
-
-
-def test_normalizer_fits_per_lead_and_round_trips_exactly():
-    rng = np.random.default_rng(1)
-    offsets = np.arange(8)[None, :, None]
-    scales = (1 + np.arange(8))[None, :, None] / 4
-    signals = (rng.normal(size=(30, 8, 200)) * scales + offsets).astype(np.float32)
-    norm = Normalizer.fit(signals, chunk=7)  # chunking must not change the statistics
-    np.testing.assert_allclose(norm.mean, signals.astype(np.float64).mean(axis=(0, 2)), rtol=1e-12)
-    np.testing.assert_allclose(norm.std, signals.astype(np.float64).std(axis=(0, 2)), rtol=1e-10)
-    z = norm.normalize(signals.astype(np.float64))
-    np.testing.assert_allclose(z.mean(axis=(0, 2)), 0, atol=1e-12)
-    np.testing.assert_allclose(z.std(axis=(0, 2)), 1, atol=1e-12)
-    x64 = signals.astype(np.float64)
-    np.testing.assert_allclose(norm.denormalize(norm.normalize(x64)), x64, rtol=0, atol=1e-12)
-    assert norm.normalize(signals).dtype == np.float32
-
-    restored = Normalizer.from_dict(json.loads(json.dumps(norm.to_dict())))
-    assert np.array_equal(restored.mean, norm.mean) and np.array_equal(restored.std, norm.std)
-    assert restored.leads == MODEL_LEADS
-    as_torch = restored.normalize(torch.from_numpy(signals))
-    assert as_torch.dtype == torch.float32
-    np.testing.assert_allclose(as_torch.numpy(), norm.normalize(signals), rtol=0, atol=1e-6)
-    np.testing.assert_allclose(restored.denormalize(as_torch).numpy(), signals, atol=1e-5)
-
-    flat = signals.copy()
-    flat[:, 3] = 0.25
-    with pytest.raises(DataError, match="V2"):
-        Normalizer.fit(flat)
-    with pytest.raises(ValueError, match="keys leads, mean, std"):
-        Normalizer.from_dict({"mean": [0.0] * 8})
 
 
 # -- dataset ----------------------------------------------------------------------------------------

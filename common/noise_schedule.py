@@ -1,0 +1,50 @@
+"""The noise schedule of the diffusion: betas (linear or cosine) and the float64 tables derived from them."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def beta_schedule(name: str, timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> np.ndarray:
+    """Betas (float64 [T]): 'linear' from beta_start to beta_end, or 'cosine' (Nichol & Dhariwal 2021)."""
+    if timesteps < 1:
+        raise ValueError(f"diffusion.timesteps must be >= 1, got {timesteps}")
+    if name == "linear":
+        if not 0.0 < beta_start <= beta_end < 1.0:
+            raise ValueError(
+                f"diffusion: the linear schedule needs 0 < beta_start <= beta_end < 1, got {beta_start}, {beta_end}"
+            )
+        return np.linspace(beta_start, beta_end, timesteps, dtype=np.float64)
+    if name == "cosine":
+        s = 0.008
+
+        def alpha_bar(u: float) -> float:
+            return math.cos((u + s) / (1 + s) * math.pi / 2) ** 2
+
+        return np.array(
+            [min(1 - alpha_bar((i + 1) / timesteps) / alpha_bar(i / timesteps), 0.999) for i in range(timesteps)],
+            dtype=np.float64,
+        )
+    raise ValueError(f"diffusion.schedule: unknown schedule {name!r} (known: linear, cosine)")
+
+
+def schedule_tables(betas: np.ndarray) -> dict[str, np.ndarray]:
+    """Every per-step quantity the forward process, the posterior and the samplers look up (float64 [T])."""
+    alphas = 1.0 - betas
+    alphas_cumprod = np.cumprod(alphas)
+    alphas_cumprod_prev = np.append(1.0, alphas_cumprod[:-1])
+    posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
+    return {
+        "betas": betas,
+        "alphas_cumprod": alphas_cumprod,
+        "alphas_cumprod_prev": alphas_cumprod_prev,
+        "sqrt_alphas_cumprod": np.sqrt(alphas_cumprod),
+        "sqrt_one_minus_alphas_cumprod": np.sqrt(1.0 - alphas_cumprod),
+        "sqrt_recip_alphas_cumprod": np.sqrt(1.0 / alphas_cumprod),
+        "sqrt_recipm1_alphas_cumprod": np.sqrt(1.0 / alphas_cumprod - 1.0),
+        "posterior_variance": posterior_variance,
+        "posterior_mean_coef1": betas * np.sqrt(alphas_cumprod_prev) / (1.0 - alphas_cumprod),
+        "posterior_mean_coef2": (1.0 - alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - alphas_cumprod),
+    }
