@@ -1,4 +1,4 @@
-"""The `fedecg` command line: data, train, simulate, sample, export, privacy, evaluate."""
+"""The `fedecg` command line: data, train, simulate, sample, export, privacy, evaluate, deploy."""
 
 from __future__ import annotations
 
@@ -149,29 +149,17 @@ def cmd_privacy_ledger(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from simulations import audit_command, data_commands, evaluate_command
-
-    parser = argparse.ArgumentParser(prog="fedecg", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    data_commands.register(sub)
-    evaluate_command.register(sub)
-
-    p = sub.add_parser("train", help="train one model centrally on all training folds (the baseline)")
-    _add_config_args(p, required=False)
-    p.add_argument("--out", help="run directory (default: output.dir/output.name-central-TIMESTAMP)")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue an unfinished non-DP run from its last logged step")
-    p.add_argument("--quiet", action="store_true")
-    p.set_defaults(func=cmd_train)
-
-    p = sub.add_parser("pretrain", help="train a base model without DP on the public pool (partition.public_sites)")
-    _add_config_args(p, required=False)
-    p.add_argument("--out", help="run directory (default: output.dir/output.name-pretrain-TIMESTAMP)")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue an unfinished pretraining from its last logged step")
-    p.add_argument("--quiet", action="store_true")
-    p.set_defaults(func=cmd_train)
+def _add_training_commands(sub: argparse._SubParsersAction) -> None:
+    for name, help_text, kind, unfinished in (
+        ("train", "train one model centrally on all training folds (the baseline)", "central", "non-DP run"),
+        ("pretrain", "train a base model without DP on the public pool (partition.public_sites)", "pretrain", "pretraining"),
+    ):
+        p = sub.add_parser(name, help=help_text)
+        _add_config_args(p, required=False)
+        p.add_argument("--out", help=f"run directory (default: output.dir/output.name-{kind}-TIMESTAMP)")
+        p.add_argument("--resume", metavar="RUN_DIR", help=f"continue an unfinished {unfinished} from its last logged step")
+        p.add_argument("--quiet", action="store_true")
+        p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("simulate", help="run the federation on Flower's simulation engine")
     _add_config_args(p, required=False)
@@ -180,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--until-round", type=int, default=0, help="stop after this round (resume later)")
     p.set_defaults(func=cmd_simulate)
 
+
+def _add_sample_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sample", help="generate 12-lead ECGs as WFDB records")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--bundle", help="release bundle")
@@ -195,6 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_sample)
+
+
+def _add_release_commands(sub: argparse._SubParsersAction) -> None:
+    from simulations import audit_command
 
     p = sub.add_parser("export", help="write a release bundle from a run directory")
     p.add_argument("--run", required=True)
@@ -213,6 +207,21 @@ def build_parser() -> argparse.ArgumentParser:
     led.add_argument("--reason", default="reset by the operator", help="recorded in the ledger with a reset")
     led.set_defaults(func=cmd_privacy_ledger)
     audit_command.register(psub, _add_config_args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from simulations import data_commands, evaluate_command
+    from simulations.deploy import command as deploy_command
+
+    parser = argparse.ArgumentParser(prog="fedecg", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    data_commands.register(sub)
+    evaluate_command.register(sub)
+    _add_training_commands(sub)
+    _add_sample_command(sub)
+    _add_release_commands(sub)
+    deploy_command.register(sub)
     return parser
 
 

@@ -2,7 +2,8 @@
 
 Two modes, both through Flower's own command line tools:
 
-    # a SuperLink and one SuperNode per site, then `flwr run APP fedecg-loopback`
+    # a SuperLink and one SuperNode per site, then `flwr run APP fedecg-loopback`; TLS from a private CA
+    # made in the run (or --certs DIR from `fedecg deploy certs`), only registered SuperNode keys may join
     python -m simulations.deploy_loopback --config configs/loopback.yaml --data-root ../shared/ptb-xl
 
     # `flwr run . local-simulation`: the SuperLink that `flwr run` starts itself, in simulation mode
@@ -15,6 +16,7 @@ when the run fails or times out (simulations/deploy/supervisor.py); the runs are
 from __future__ import annotations
 
 import argparse
+import logging
 import signal
 import sys
 
@@ -42,6 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--local-simulation", action="store_true",
                         help="use `flwr run . local-simulation` instead of a SuperLink and SuperNodes")
     parser.add_argument("--project", default=str(PROJECT_ROOT), help="the Flower app folder (holds pyproject.toml)")
+    parser.add_argument("--certs", metavar="DIR",
+                        help="TLS files from `fedecg deploy certs --out DIR` (default: a new CA in the run directory)")
+    parser.add_argument("--insecure", action="store_true",
+                        help="no TLS and no SuperNode authentication: any local process may join as a site (tests only)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
@@ -51,13 +57,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.timeout <= 0:
         print("deploy_loopback: error: --timeout must be positive", file=sys.stderr)
         return 2
+    if args.local_simulation and (args.certs or args.insecure):
+        print("deploy_loopback: error: --certs and --insecure apply to the deployment, not --local-simulation",
+              file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    security = {} if args.local_simulation else {"certs": args.certs, "insecure": args.insecure}
     runner = run_flwr_local_simulation if args.local_simulation else run_loopback_deployment
     # A plain SIGTERM would end Python without running the clean-up; as SystemExit it unwinds through it.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         result = runner(
             args.config, args.overrides, data_root=args.data_root, run_dir=args.out, project=args.project,
-            timeout_s=args.timeout, progress=not args.quiet,
+            timeout_s=args.timeout, progress=not args.quiet, **security,
         )
     except (ConfigError, FileExistsError, ValueError) as err:
         print(f"deploy_loopback: error: {err}", file=sys.stderr)
@@ -66,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"deploy_loopback: the run failed: {err}", file=sys.stderr)
         return 1
     print(
-        f"{result.mode}: {result.num_sites} sites, run {result.status} in {result.seconds:.1f}s; "
+        f"{result.mode} ({result.security}): {result.num_sites} sites, run {result.status} in {result.seconds:.1f}s; "
         f"{len(result.processes)} processes started and stopped\nrun directory: {result.run_dir}\n"
         f"logs: {result.log_dir}"
     )

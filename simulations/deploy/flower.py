@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -131,51 +132,78 @@ def write_toml_table(path: Path, values: dict[str, Any]) -> Path:
     return path
 
 
-def write_superlink_connection(flwr_home: Path, name: str, address: str) -> Path:
+def write_superlink_connection(flwr_home: Path, name: str, address: str, root_certificates: Path | None = None) -> Path:
     """The flwr CLI's connection to a SuperLink. Flower 1.42 keeps these in FLWR_HOME/config.toml, not pyproject.
 
     `address = ":local:"` is Flower's marker for "start a local simulation SuperLink when none answers".
+    With `root_certificates` (the CA that signed the SuperLink's certificate) the CLI speaks TLS; without, it
+    is told `insecure = true` explicitly.
     """
     connection: dict[str, Any] = {"address": address}
-    if address != ":local:":
+    if root_certificates is not None:
+        connection["root-certificates"] = str(Path(root_certificates).resolve())
+    elif address != ":local:":
         connection["insecure"] = True
     return write_toml_table(flwr_home / "config.toml", {"superlink": {"default": name, name: connection}})
 
 
-def wait_for_health(port: int, supervisor: Supervisor, name: str, timeout_s: float) -> None:
+def health_url(port: int, ca_cert: Path | None = None) -> tuple[str, ssl.SSLContext | None]:
+    """The SuperLink's /health endpoint, over HTTPS verified against `ca_cert` when it serves TLS."""
+    if ca_cert is None:
+        return f"http://{LOOPBACK}:{port}/health", None
+    return f"https://{LOOPBACK}:{port}/health", ssl.create_default_context(cafile=str(ca_cert))
+
+
+def wait_for_health(port: int, supervisor: Supervisor, name: str, timeout_s: float, ca_cert: Path | None = None) -> None:
+    """Poll /health until it answers 200; over TLS the server's certificate must verify against `ca_cert`."""
+    url, context = health_url(port, ca_cert)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if supervisor.exited([name]):
             raise DeploymentError(f"{name} exited during start-up:\n{supervisor.log_tail(name)}")
         try:
-            with urllib.request.urlopen(f"http://{LOOPBACK}:{port}/health", timeout=1.0) as response:
+            with urllib.request.urlopen(url, timeout=1.0, context=context) as response:
                 if response.status == 200:
                     return
+        except ssl.SSLCertVerificationError as err:  # retrying cannot help: wrong CA or a name not in the SAN
+            raise DeploymentError(f"{name}: its TLS certificate does not verify against {ca_cert}: {err.verify_message}") from err
         except (urllib.error.URLError, ConnectionError, OSError):
             pass
         time.sleep(0.2)
-    raise DeploymentError(f"{name} did not answer on {LOOPBACK}:{port}/health within {timeout_s:.0f}s:\n{supervisor.log_tail(name)}")
+    raise DeploymentError(f"{name} did not answer on {url} within {timeout_s:.0f}s:\n{supervisor.log_tail(name)}")
 
 
-def run_status(
-    supervisor: Supervisor, connection: str, flwr: str, deadline: float, env: dict[str, str] | None = None
-) -> tuple[str, str]:
-    """(status, details) of the one run on this SuperLink, from `flwr ls --format json`."""
-    name = "flwr-ls"
-    popen = supervisor.start(name, [flwr, "ls", connection, "--format", "json"], env)
+def flwr_json(
+    supervisor: Supervisor, name: str, argv: list[str], deadline: float, env: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """Run a `flwr ... --format json` command to its end and return its JSON answer.
+
+    The flwr CLI exits 0 even when the SuperLink refused the request: only `success` in its answer tells.
+    """
+    popen = supervisor.start(name, [*argv, "--format", "json"], env)
     try:
         popen.wait(timeout=max(5.0, deadline - time.monotonic()))
     except subprocess.TimeoutExpired as err:
-        raise DeploymentError(f"`flwr ls` did not answer in time:\n{supervisor.log_tail(name)}") from err
+        raise DeploymentError(f"`flwr {argv[1]}` did not answer in time:\n{supervisor.log_tail(name)}") from err
     text = (supervisor.log_dir / f"{name}.log").read_text(errors="replace")
     start = text.find("{")
     try:
         payload = json.loads(text[start:]) if start >= 0 else {}
     except json.JSONDecodeError:
         payload = {}
-    runs = payload.get("runs") or []
-    if not payload.get("success") or len(runs) != 1:
-        raise DeploymentError(f"`flwr ls` did not list exactly one run:\n{supervisor.log_tail(name)}")
+    if not payload.get("success"):
+        detail = payload.get("error-message") or supervisor.log_tail(name)
+        raise DeploymentError(f"`flwr {' '.join(argv[1:])}` failed:\n{detail}")
+    return payload
+
+
+def run_status(
+    supervisor: Supervisor, connection: str, flwr: str, deadline: float, env: dict[str, str] | None = None
+) -> tuple[str, str]:
+    """(status, details) of the one run on this SuperLink, from `flwr ls --format json`."""
+    runs = flwr_json(supervisor, "flwr-ls", [flwr, "ls", connection], deadline, env).get("runs") or []
+    if len(runs) != 1:
+        raise DeploymentError(f"`flwr ls` did not list exactly one run:\n{supervisor.log_tail('flwr-ls')}")
     return str(runs[0].get("status", "")), str(runs[0].get("status-details", ""))
 
 

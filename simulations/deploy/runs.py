@@ -7,18 +7,17 @@ Deployment: a SuperLink and one SuperNode per site, then `flwr run APP fedecg-lo
 from __future__ import annotations
 
 import dataclasses
-import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from common.config import Config, ConfigError, load
 from common.run_dir import default_run_dir, read_latest
+from simulations.deploy.certs import TlsFiles
 from simulations.deploy.flower import (
-    CONNECTION,
     LOCAL_SIMULATION,
     LOOPBACK,
     DeploymentError,
@@ -28,10 +27,11 @@ from simulations.deploy.flower import (
     process_environment,
     run_status,
     stage_app,
-    wait_for_health,
     write_superlink_connection,
     write_toml_table,
 )
+from simulations.deploy.launch import Launch, StagedRun
+from simulations.deploy.loopback import deployment_launch, loopback_security
 from simulations.deploy.supervisor import ProcessId, Supervisor, processes_mentioning
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -48,35 +48,8 @@ class FlowerRunResult:
     started: dict[str, ProcessId]  # name -> each process started (or, for the local SuperLink, adopted) here
     processes: dict[ProcessId, str]  # every process started or seen -> the name it was found under; all stopped
     log_dir: Path
-
-
-@dataclass(frozen=True)
-class StagedRun:
-    """Everything both modes need before a process starts; Flower's processes read only absolute paths."""
-
-    config_path: Path
-    overrides: list[str]  # with absolute data and cache locations appended
-    cfg: Config
-    data_root: Path
-    num_sites: int
-    run_dir: Path
-    app: Path  # the staged copy of the Flower app
-    run_config: Path  # the --run-config TOML file
-
-
-@dataclass
-class Launch:
-    """What one mode adds to the skeleton in `_run`."""
-
-    mode: str  # FlowerRunResult.mode
-    supervisor: Supervisor
-    connection: str  # the flwr CLI connection that `flwr ls` asks
-    superlink: str  # host:port, for FlowerRunResult.superlink
-    start: Callable[[], None]  # starts every process, `flwr run --stream` (named flwr-run) last
-    watched: list[str]  # processes whose death ends the run early
-    log_label: str  # how the flwr-run log is named in an error
-    poll: Callable[[], None] = lambda: None  # adopts processes started outside our process tree
-    close: Callable[[], None] = lambda: None  # releases what the mode made, once everything is stopped
+    security: str  # tls+supernode-auth | insecure | local-simulation (no network between processes)
+    commands: dict[str, list[str]]  # name -> the argv each process was started with
 
 
 def _resolved_inputs(
@@ -223,44 +196,8 @@ def _run(staged: StagedRun, launch: Launch, timeout_s: float, progress: bool) ->
             launch.close()
     return FlowerRunResult(
         staged.run_dir, launch.mode, status, seconds, staged.num_sites, launch.superlink, dict(supervisor.roots),
-        processes, supervisor.log_dir,
+        processes, supervisor.log_dir, launch.security, dict(supervisor.commands),
     )
-
-
-def _deployment(staged: StagedRun, timeout_s: float) -> Launch:
-    """A SuperLink and one SuperNode per site on 127.0.0.1, each with its own FLWR_HOME (FAB installs never race)."""
-    flwr_homes = staged.run_dir / ".flwr"
-    link_port, *node_ports = free_ports(1 + staged.num_sites)
-    cli_home = flwr_homes / "cli"
-    write_superlink_connection(cli_home, CONNECTION, f"{LOOPBACK}:{link_port}")
-    supervisor = Supervisor(staged.run_dir / "logs", process_environment(cli_home), Path.cwd())
-
-    def start() -> None:
-        supervisor.start("superlink", [
-            flower_executable("flower-superlink"), "--insecure", "--isolation", "subprocess",
-            "--disable-runtime-dependency-installation", "--host", LOOPBACK, "--port", str(link_port),
-        ], process_environment(flwr_homes / "superlink"))
-        wait_for_health(link_port, supervisor, "superlink", timeout_s=min(60.0, timeout_s))
-        for site, port in enumerate(node_ports):
-            node_config = write_toml_table(
-                flwr_homes / f"node_config_{site}.toml",
-                {"site": site, "data-root": str(staged.data_root), "state-dir": staged.cfg.federation.site_state_dir},
-            )
-            node_env = process_environment(flwr_homes / f"supernode-{site}")
-            # All sites share this machine: one site's torch threads should not fight another's for cores.
-            node_env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // staged.num_sites)))
-            supervisor.start(f"supernode-{site}", [
-                flower_executable("flower-supernode"), "--insecure", "--superlink", f"{LOOPBACK}:{link_port}",
-                "--isolation", "subprocess", "--host", LOOPBACK, "--port", str(port),
-                "--node-config", str(node_config),
-            ], node_env)
-        supervisor.start("flwr-run", [
-            flower_executable("flwr"), "run", str(staged.app), CONNECTION,
-            "--run-config", str(staged.run_config), "--stream",
-        ])
-
-    watched = ["superlink", *[f"supernode-{i}" for i in range(staged.num_sites)]]
-    return Launch("deployment", supervisor, CONNECTION, f"{LOOPBACK}:{link_port}", start, watched, "ServerApp log")
 
 
 def _local_simulation(staged: StagedRun) -> Launch:
@@ -295,7 +232,7 @@ def _local_simulation(staged: StagedRun) -> Launch:
 
     return Launch(
         "local-simulation", supervisor, LOCAL_SIMULATION, f"{LOOPBACK}:{http_port}", start, ["local-superlink"], "log",
-        poll=adopt_new, close=lambda: shutil.rmtree(ray_tmp, ignore_errors=True),
+        poll=adopt_new, close=lambda: shutil.rmtree(ray_tmp, ignore_errors=True), security="local-simulation",
     )
 
 
@@ -307,14 +244,24 @@ def run_loopback_deployment(
     project: str | Path = PROJECT_ROOT,
     timeout_s: float = 600.0,
     progress: bool = True,
+    certs: str | Path | None = None,
+    insecure: bool = False,
 ) -> FlowerRunResult:
     """SuperLink + one SuperNode per site on 127.0.0.1, `flwr run` of the fedecg app, then everything stopped.
 
-    Each SuperNode gets node_config `site` (its index), `data-root` and `state-dir`. Raises DeploymentError
-    (after stopping every process) if a process dies, the run fails or times out, or outputs are missing.
+    TLS and SuperNode authentication are on unless `insecure`: the TLS files come from `certs` (as
+    `fedecg deploy certs` writes them) or are made in RUN/.flwr/certs; each site's key pair is made in
+    RUN/.flwr/sites and registered, and RUN/.flwr/superlink/site_registry.json records which node id is
+    which site. Each SuperNode gets node_config `site` (its index), `data-root` and `state-dir`. Raises
+    DeploymentError (after stopping every process) if a process dies, the run fails or times out, or
+    outputs are missing.
     """
+    if insecure and certs is not None:
+        raise ValueError("--insecure and --certs contradict each other: choose one")
+    tls = TlsFiles.in_dir(certs) if certs is not None else None  # a wrong folder fails before anything is staged
     staged = _stage_run(config_path, overrides, data_root, run_dir, project, "loopback")
-    return _run(staged, _deployment(staged, timeout_s), timeout_s, progress)
+    security = loopback_security(staged.run_dir, tls, insecure)
+    return _run(staged, deployment_launch(staged, timeout_s, security), timeout_s, progress)
 
 
 def run_flwr_local_simulation(

@@ -124,6 +124,7 @@ class Supervisor:
     roots: dict[str, ProcessId] = field(default_factory=dict)  # name -> process started or adopted here
     popens: dict[str, subprocess.Popen] = field(default_factory=dict)
     seen: dict[ProcessId, str] = field(default_factory=dict)  # every process ever tracked -> owner name
+    commands: dict[str, list[str]] = field(default_factory=dict)  # name -> the argv it was started with
 
     def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
         """Start `argv` with its output in LOG_DIR/NAME.log."""
@@ -136,6 +137,7 @@ class Supervisor:
         proc = process_id(popen.pid) or ProcessId(popen.pid, 0.0)  # unreaped, so normally found even if it died
         self.roots[name] = proc
         self.popens[name] = popen
+        self.commands[name] = list(argv)
         self.seen[proc] = name
         return popen
 

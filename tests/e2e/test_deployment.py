@@ -1,29 +1,50 @@
 """The fedecg apps on Flower's deployment engine: a SuperLink and two SuperNodes over loopback, `flwr run`.
 
-The slow test runs the real thing end to end; the quick ones pin down the pieces it relies on: Flower
-reading our TOML files, the staged app, and stopping every process (detached grandchildren included) by pid.
+Real processes end to end: the default run (TLS from a private CA, only registered SuperNode keys may
+join) trains and leaves nothing running; a SuperNode whose key was never registered is refused; a run
+that cannot finish fails clearly. The pieces these rely on have unit tests in tests/simulations/deploy/.
 """
 
 from __future__ import annotations
 
 import csv
 import json
-import os
-import signal
+import re
 import socket
-import sys
+import stat
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
 import pytest
 
-from common.data.errors import DataError
 from common.privacy import verify_release
-from simulations.deploy.flower import DeploymentError, stage_app, write_toml_table
-from simulations.deploy.runs import run_loopback_deployment
-from simulations.deploy.supervisor import ProcessId, Supervisor
-from simulations.deploy_loopback import main
+from simulations.deploy.certs import make_tls_certificates
+from simulations.deploy.flower import (
+    CONNECTION,
+    DeploymentError,
+    flower_executable,
+    flwr_json,
+    free_ports,
+    process_environment,
+    write_toml_table,
+)
+from simulations.deploy.loopback import (
+    TLS_AUTH,
+    Security,
+    connect_cli,
+    start_superlink,
+    supernode_argv,
+)
+from simulations.deploy.runs import FlowerRunResult, run_loopback_deployment
+from simulations.deploy.sites import (
+    REGISTRY,
+    make_site_keys,
+    read_registry,
+    register_sites,
+)
+from simulations.deploy.supervisor import ProcessId
 from tests.fixtures_ptbxl import SHARED_PTBXL
 
 PROJECT = Path(__file__).resolve().parents[2]
@@ -67,23 +88,51 @@ def check_federated_run(run_dir: Path, rounds: int, num_sites: int) -> None:
     assert 0 < certificate["release"]["epsilon"] <= 10.0
 
 
+def check_tls_and_auth(result: FlowerRunResult) -> None:
+    """The run's processes spoke TLS, and exactly the registered site keys joined, each as its registered site."""
+    assert result.security == TLS_AUTH
+    commands = result.commands
+    assert all("--insecure" not in argv for argv in commands.values())
+    superlink = commands["superlink"]
+    assert "--enable-supernode-auth" in superlink
+    certs = Path(superlink[superlink.index("--ssl-ca-certfile") + 1]).parent
+    assert stat.S_IMODE((certs / "server.key").stat().st_mode) == 0o600
+    assert "Uvicorn running on https://" in (result.log_dir / "superlink.log").read_text()
+
+    flwr_home = result.run_dir / ".flwr"
+    registry = read_registry(flwr_home / "superlink" / REGISTRY)
+    assert [site.index for site in registry] == list(range(result.num_sites))
+    for site in registry:
+        argv = commands[f"supernode-{site.index}"]
+        key = Path(argv[argv.index("--auth-supernode-private-key") + 1])
+        assert stat.S_IMODE(key.stat().st_mode) == 0o600
+        assert key.with_suffix(".pub").read_text().strip() == site.public_key  # the key registered for this site
+        assert argv[argv.index("--root-certificates") + 1] == str(certs / "ca.crt")
+        node_config = (flwr_home / f"node_config_{site.index}.toml").read_text()
+        assert f"site = {site.index}\n" in node_config
+    activated = re.findall(r"Activated node_id=(\d+)", (result.log_dir / "superlink.log").read_text())
+    assert sorted(set(map(int, activated))) == sorted(site.node_id for site in registry)
+
+
 @pytest.mark.slow
-def test_loopback_deployment_trains_two_sites_and_stops_every_process(
+def test_default_loopback_deployment_uses_tls_and_registered_keys_trains_and_stops_every_process(
     request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
     root = ptbxl_for_e2e(request)
     result = run_loopback_deployment(
         CONFIG, [f"data.cache_dir={tmp_path / 'cache'}", f"federation.site_state_dir={tmp_path / 'sites'}"],
-        data_root=root, run_dir=tmp_path / "run", timeout_s=240, progress=False,
+        data_root=root, run_dir=tmp_path / "run", timeout_s=600, progress=False,
     )
     assert result.status == "finished:completed"
     assert result.num_sites == 2
     check_federated_run(result.run_dir, rounds=2, num_sites=2)
+    check_tls_and_auth(result)
     # Each site kept its ledger and secret key under the node's state-dir, outside the run directory.
     assert len(list((tmp_path / "sites").glob("iid-*/ledger.json"))) == 2
     assert len(list((tmp_path / "sites").glob("iid-*/secret.key"))) == 2
 
-    assert {"superlink", "supernode-0", "supernode-1", "flwr-run", "flwr-ls"} == set(result.started)
+    assert {"superlink", "supernode-0", "supernode-1", "register-site-0", "register-site-1", "flwr-run",
+            "flwr-ls"} == set(result.started)
     # SuperExec, ServerApp and ClientApp processes were seen too, not only the ones started directly.
     assert set(result.started.values()) < set(result.processes)
     assert [p.pid for p in result.processes if still_running(p)] == []
@@ -92,6 +141,49 @@ def test_loopback_deployment_trains_two_sites_and_stops_every_process(
         socket.create_connection((host, int(port)), timeout=2).close()
     for name in ("superlink", "supernode-0", "supernode-1", "flwr-run"):
         assert (result.log_dir / f"{name}.log").stat().st_size > 0
+
+
+def _wait_until(condition: Callable[[], bool], timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.5)
+    return True
+
+
+@pytest.mark.slow
+def test_a_supernode_without_a_registered_key_is_refused_while_a_registered_one_joins(tmp_path: Path) -> None:
+    security = Security(make_tls_certificates(tmp_path / "certs"))
+    link_port, *node_ports = free_ports(4)
+    supervisor = connect_cli(tmp_path / "cli", tmp_path / "logs", link_port, security)
+    registered, unregistered = make_site_keys(tmp_path / "keys", 2)
+    node_config = write_toml_table(tmp_path / "node_config.toml", {"site": 0})
+    flwr = flower_executable("flwr")
+    try:
+        start_superlink(supervisor, link_port, security, tmp_path / "superlink", timeout_s=120)
+        [site] = register_sites(supervisor, flwr, CONNECTION, ["iid-0"], [registered], time.monotonic() + 120)
+        nodes = {"intruder": unregistered, "keyless": None, "site-0": registered}
+        for (name, key), port in zip(nodes.items(), node_ports):
+            supervisor.start(name, supernode_argv(link_port, port, node_config, security, key),
+                             process_environment(tmp_path / name))
+
+        refused = ["intruder", "keyless"]
+        assert _wait_until(lambda: len(supervisor.exited(refused)) == 2, 180), "an unregistered SuperNode kept running"
+        assert all(code not in (0, None) for _, code in supervisor.exited(refused))
+        assert "Failed to activate SuperNode" in supervisor.log_tail("intruder")
+        assert "Failed to initialize the connection" in supervisor.log_tail("keyless")
+
+        def listed() -> list[tuple[str, str]]:
+            answer = flwr_json(supervisor, "flwr-supernode-ls", [flwr, "supernode", "ls", CONNECTION],
+                               time.monotonic() + 60)
+            return [(node["node-id"], node["status"]) for node in answer["nodes"]]
+
+        assert _wait_until(lambda: listed() == [(str(site.node_id), "online")], 120), listed()
+        assert supervisor.exited(["site-0", "superlink"]) == []
+    finally:
+        assert supervisor.stop_all() == []
+    assert [p.pid for p in supervisor.seen if still_running(p)] == []
 
 
 @pytest.mark.slow
@@ -104,77 +196,8 @@ def test_a_run_that_times_out_fails_clearly_and_leaves_nothing_running(
         run_loopback_deployment(
             CONFIG, ["federation.min_sites=3", f"data.cache_dir={tmp_path / 'cache'}",
                      f"federation.site_state_dir={tmp_path / 'sites'}"], data_root=root,
-            run_dir=tmp_path / "run", timeout_s=15, progress=False,
+            run_dir=tmp_path / "run", timeout_s=40, progress=False,
         )
     processes = caught.value.processes
     assert {"superlink", "supernode-0", "supernode-1", "flwr-run"} <= set(processes.values())
     assert [p.pid for p in processes if still_running(p)] == []
-
-
-def test_missing_data_root_is_reported_before_anything_starts(tmp_path: Path) -> None:
-    with pytest.raises(DataError, match="no ptbxl_database.csv"):
-        run_loopback_deployment(CONFIG, data_root=tmp_path, run_dir=tmp_path / "run", progress=False)
-    assert not (tmp_path / "run").exists()
-
-
-def test_command_line_exits_2_with_the_fault_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["--data-root", str(tmp_path), "--out", str(tmp_path / "run"), "--quiet"]) == 2
-    assert f"data.root={tmp_path}: no ptbxl_database.csv" in capsys.readouterr().err
-    assert main(["--timeout", "0"]) == 2
-    assert "--timeout must be positive" in capsys.readouterr().err
-
-
-def test_overrides_cannot_hold_the_run_config_separator(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="';' separates overrides"):
-        run_loopback_deployment(CONFIG, ["output.name=a;b"], data_root=tmp_path, progress=False)
-
-
-def test_flower_reads_our_toml_files_back_unchanged(tmp_path: Path) -> None:
-    from flwr.common.config import parse_config_args
-
-    values = {
-        "site": 1,
-        "data-root": str(tmp_path / "it's a \"quoted\" path with spaces"),
-        "overrides": "data.root=/x;privacy.target_epsilon=4",
-        "resume": False,
-    }
-    path = write_toml_table(tmp_path / "node_config.toml", values)
-    assert parse_config_args([str(path)]) == values
-
-
-def test_staged_app_holds_the_app_and_leaves_the_project_alone(tmp_path: Path) -> None:
-    before = (PROJECT / "pyproject.toml").read_bytes()
-    app = stage_app(PROJECT, tmp_path / "app")
-    assert (app / "pyproject.toml").read_bytes() == before == (PROJECT / "pyproject.toml").read_bytes()
-    for module in ("server/server_app.py", "client/client_app.py", "common/config.py", "configs/loopback.yaml"):
-        assert (app / module).read_bytes() == (PROJECT / module).read_bytes()
-    assert not (app / ".venv").exists()
-    assert not list(app.rglob("test_*.py"))  # Flower leaves tests out of app bundles
-
-
-def test_supervisor_stops_detached_grandchildren_by_pid(tmp_path: Path) -> None:
-    # A parent that starts a grandchild in a new session (as Flower starts SuperExec) and keeps running.
-    script = (
-        "import subprocess, sys, time\n"
-        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'], start_new_session=True)\n"
-        "print(child.pid, flush=True)\n"
-        "time.sleep(120)\n"
-    )
-    supervisor = Supervisor(tmp_path / "logs", env={}, cwd=tmp_path)
-    parent = supervisor.start("parent", [sys.executable, "-c", script], env={"PATH": "/usr/bin:/bin"})
-    log = tmp_path / "logs" / "parent.log"
-    deadline = time.monotonic() + 20
-    while not log.read_text().strip() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    grandchild_pid = int(log.read_text().split()[0])
-    supervisor.refresh()
-    tracked = {p.pid for p in supervisor.seen}
-    assert {parent.pid, grandchild_pid} <= tracked
-    try:
-        assert supervisor.stop_all(grace_s=5) == []
-        assert [p.pid for p in supervisor.seen if still_running(p)] == []
-        assert parent.returncode is not None
-    finally:
-        for proc in supervisor.seen:  # never leave a sleeper behind, even when an assertion failed
-            if still_running(proc):
-                os.kill(proc.pid, signal.SIGKILL)

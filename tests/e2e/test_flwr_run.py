@@ -12,7 +12,13 @@ from pathlib import Path
 import pytest
 
 from simulations.deploy.runs import run_flwr_local_simulation
-from tests.e2e.test_deployment import CONFIG, PROJECT, check_federated_run, ptbxl_for_e2e, still_running
+from tests.e2e.test_deployment import (
+    CONFIG,
+    PROJECT,
+    check_federated_run,
+    ptbxl_for_e2e,
+    still_running,
+)
 
 
 @pytest.mark.slow
