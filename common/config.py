@@ -20,6 +20,8 @@ from typing import Any
 
 import yaml
 
+from common.config_federation import FederationConfig
+
 
 class ConfigError(ValueError):
     """A config file or override that does not match the schema."""
@@ -115,27 +117,6 @@ class PrivacyConfig:
     lifetime_epsilon: float | None = None  # cap on a site's spend over all runs on the same records (None: target)
     unit: str = "record"  # record | patient
     grad_sample_mode: str = "hooks"  # hooks | functorch | ghost
-
-
-@dataclass(frozen=True)
-class FederationConfig:
-    rounds: int = 3
-    local_steps: int = 10
-    strategy: str = "fedavg"  # fedavg | fedprox | fedadam
-    proximal_mu: float = 0.01
-    server_lr: float = 1e-2  # fedadam
-    server_beta1: float = 0.9
-    server_beta2: float = 0.99
-    server_tau: float = 1e-3
-    min_sites: int = 2
-    fraction_train: float = 1.0
-    sample_every: int = 1  # write a sample PNG from the global model every K rounds (0: never)
-    evaluate_every: int = 0  # fidelity of the global model on a small batch every K rounds (0: never)
-    num_cpus_per_site: float = 1.0
-    init_from: str | None = None  # a `fedecg pretrain` run: the public base model the federation starts from
-    local_lr: float | None = None  # the sites' learning rate (None: train.lr); fine-tuning a base wants less
-    trainable: tuple[str, ...] = ()  # parameter-name prefixes the sites train, the rest frozen (empty: all)
-    site_state_dir: str = ".fedecg/sites"  # each site's ledger, secret key and local logs (node_config state-dir wins)
 
 
 @dataclass(frozen=True)
@@ -297,7 +278,11 @@ def _build(raw: dict[str, Any], source: str) -> Config:
             choices = _CHOICES.get((name, key))
             if choices and kwargs[key] not in choices:
                 raise ConfigError(f"{where}: {kwargs[key]!r} is not one of {sorted(choices)}")
-        sections[name] = cls(**kwargs)
+        section = cls(**kwargs)
+        problems = section.problems() if hasattr(section, "problems") else []
+        if problems:
+            raise ConfigError(f"{source}: {name}: " + "; ".join(problems))
+        sections[name] = section
     return Config(**sections)
 
 

@@ -31,7 +31,7 @@ from server.strategy import PrivacyLedger, load_strategy_state, save_strategy_st
 log = logging.getLogger("fedecg.server")
 METRIC_FIELDS = (
     "round", "site", "epsilon", "steps", "steps-total", "num-records", "loss", "eps-loss", "mel-loss",
-    "train-seconds", "round-seconds", "budget-exhausted",
+    "train-seconds", "round-seconds", "budget-exhausted", "rejected",
 )
 
 
@@ -71,8 +71,12 @@ class RunArtifacts:
     def append_metrics(self, rows: list[dict]) -> None:
         path = self.run_dir / "metrics.csv"
         new = not path.exists()
+        fields = METRIC_FIELDS
+        if not new:  # a resumed run keeps the columns it started with, even if a later release added one
+            with path.open(newline="") as handle:
+                fields = tuple(next(csv.reader(handle), METRIC_FIELDS))
         with path.open("a", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=METRIC_FIELDS, extrasaction="ignore")
+            writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
             if new:
                 writer.writeheader()
             writer.writerows(rows)

@@ -1,9 +1,11 @@
 """Flower ServerApp: rounds of site training, aggregation, checkpoints, the epsilon table, the certificate.
 
-Each round: send the global weights and the run key, collect site weights and their public numbers,
-aggregate, then hand the round to server/artifacts.py (metrics, checkpoint, sample PNGs, monitoring) and
-log each site's epsilon. A site whose budget is spent answers "budget exhausted"; once no site can train, the run
-ends cleanly. Under DP sites send no losses or timings: those stay in each site's own log.
+Each round (server/rounds.py): send the global weights and the run key, collect site weights and their public
+numbers, check every site's update (a failing site is left out, its spend still recorded) and aggregate; under
+federation.secure_aggregation the server learns only the sum (server/secure_aggregation.py). Then hand the
+round to server/artifacts.py (metrics, checkpoint, sample PNGs, monitoring) and log each site's epsilon. A
+site whose budget is spent answers "budget exhausted"; once no site can train, the run ends cleanly. Under DP
+sites send no losses or timings: those stay in each site's own log.
 """
 
 from __future__ import annotations
@@ -22,20 +24,16 @@ from common.config import Config, RunSpec
 from common.config import save as save_config
 from common.run_dir import default_run_dir
 from server.artifacts import RunArtifacts
-from server.strategy import LedgerConflict, PrivacyLedger, build_strategy
+from server.rounds import ROUND_TIMEOUT_S, RoundFailed, play_round, site_name
+from server.strategy import PrivacyLedger, build_strategy
 
 log = logging.getLogger("fedecg.server")
-ROUND_TIMEOUT_S = 3600.0
 
 
 def run_directory(spec: RunSpec, cfg: Config) -> Path:
     if spec.run_dir:
         return Path(spec.run_dir)
     return default_run_dir(cfg)
-
-
-def _site_name(message: Message) -> str:
-    return str(message.content["site"]["name"])
 
 
 def run_server(grid: Grid, context: Context, spec: RunSpec) -> Path:
@@ -49,18 +47,17 @@ def run_server(grid: Grid, context: Context, spec: RunSpec) -> Path:
     last_round = fc.rounds if not spec.until_round else min(fc.rounds, spec.until_round)
     for server_round in range(start_round, last_round + 1):
         round_start = time.perf_counter()
-        ok = _train_round(grid, strategy, server_round, arrays, run_key, fc)
-        rows = [_record_reply(m, ledger, server_round) for m in ok]
-        training = [m for m in ok if "arrays" in m.content]
-        if len(ok) < fc.min_sites and training:
-            raise RuntimeError(f"round {server_round}: {len(ok)} sites answered, fewer than min_sites={fc.min_sites}")
-        if not training:
+        try:
+            played = play_round(grid, strategy, server_round, arrays, run_key, fc, ledger)
+        except RoundFailed as err:
+            artifacts.append_metrics(err.rows)  # the rejections are on record even when the round fails
+            raise
+        rows = played.rows
+        if played.arrays is None:
             artifacts.append_metrics(rows)
-            if ok:
-                log.warning("round %d: every site's privacy budget is exhausted; ending the run", server_round)
-                break
-            raise RuntimeError(f"round {server_round}: no site answered")
-        arrays, _ = strategy.aggregate_train(server_round, training)
+            log.warning("round %d: every site's privacy budget is exhausted; ending the run", server_round)
+            break
+        arrays = played.arrays
         rows.append({"round": server_round, "site": "global", "round-seconds": time.perf_counter() - round_start,
                      "epsilon": max((float(r.get("epsilon", 0.0)) for r in rows), default=0.0)})
         artifacts.append_metrics(rows)
@@ -99,29 +96,6 @@ def _resume(artifacts: RunArtifacts, strategy) -> tuple[dict, PrivacyLedger, int
     return state, ledger, done + 1, run_key
 
 
-def _train_round(grid: Grid, strategy, server_round: int, arrays: ArrayRecord, run_key: str, fc) -> list[Message]:
-    """Send the global weights to the sites Flower's strategy picks; the replies without an error."""
-    config = ConfigRecord({"proximal-mu": fc.proximal_mu if fc.strategy == "fedprox" else 0.0, "run-key": run_key})
-    messages = list(strategy.configure_train(server_round, arrays, config, grid))
-    replies = list(grid.send_and_receive(messages=messages, timeout=ROUND_TIMEOUT_S))
-    for m in replies:
-        if m.has_error():
-            log.error("round %d: node %d failed: %s", server_round, m.metadata.src_node_id, m.error.reason)
-    return [m for m in replies if not m.has_error()]
-
-
-def _record_reply(message: Message, ledger: PrivacyLedger, server_round: int) -> dict:
-    """One site's reply as a metrics row; its budget goes into the ledger, which refuses conflicts."""
-    name = _site_name(message)
-    if "privacy" in message.content:
-        try:
-            ledger.update(message.metadata.src_node_id, name, str(message.content["privacy"]["budget"]))
-        except LedgerConflict as err:
-            log.error("round %d: %s", server_round, err)
-            raise
-    return {"round": server_round, "site": name, **dict(message.content["metrics"])}
-
-
 def _site_memorization(grid: Grid, arrays: ArrayRecord, run_dir: Path) -> None:
     """Ask every site to check the final model for memorization of its own records; the reports stay there."""
     from flwr.app import MessageType, RecordDict
@@ -135,7 +109,7 @@ def _site_memorization(grid: Grid, arrays: ArrayRecord, run_dir: Path) -> None:
         if reply.has_error():
             log.error("site memorization check failed on node %d: %s", reply.metadata.src_node_id, reply.error.reason)
             continue
-        checked.append(_site_name(reply))
+        checked.append(site_name(reply))
     (run_dir / "site_memorization.json").write_text(json.dumps(
         {"checked_at_sites": sorted(checked),
          "note": "each site's report is in its own state directory (memorization.json) and never left it"}, indent=2))
@@ -155,7 +129,7 @@ def _site_audit(grid: Grid, arrays: ArrayRecord, run_dir: Path, run_key: str, cf
     for reply in grid.send_and_receive(messages=messages, timeout=ROUND_TIMEOUT_S):
         if reply.has_error():
             raise RuntimeError(f"canary audit failed on node {reply.metadata.src_node_id}: {reply.error.reason}")
-        summaries[_site_name(reply)] = dict(reply.content["metrics"])
+        summaries[site_name(reply)] = dict(reply.content["metrics"])
     certificate = run_dir / "privacy.json"
     certified = json.loads(certificate.read_text())["release"]["epsilon"] if certificate.is_file() else None
     ac = cfg.audit

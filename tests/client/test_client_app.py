@@ -7,7 +7,7 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
-from client.client_app import handle_memorization, handle_train
+from client.client_app import HELD, handle_memorization, handle_train, hold_update
 from client.site import _SITE_CACHE
 from common.config import RunSpec, load
 from common.model.denoiser import build_denoiser
@@ -19,8 +19,8 @@ pytestmark = pytest.mark.slow  # whole site rounds on a tiny PTB-XL: left out of
 PUBLIC_METRICS = {"site-index", "num-records", "steps", "steps-total", "planned-steps", "epsilon", "budget-exhausted"}
 
 
-def _train_message(state, server_round, run_key="run-a"):
-    config = ConfigRecord({"server-round": server_round, "run-key": run_key})
+def _train_message(state, server_round, run_key="run-a", secure=False):
+    config = ConfigRecord({"server-round": server_round, "run-key": run_key, "secure-aggregation": secure})
     return Message(RecordDict({"arrays": ArrayRecord(state), "config": config}), dst_node_id=1, message_type="train")
 
 
@@ -142,3 +142,58 @@ def test_site_count_mismatch_is_a_clear_error(spec):
     context = Context(run_id=1, node_id=1, node_config={"partition-id": 0, "num-partitions": 5}, state=RecordDict(), run_config={})
     with pytest.raises(ValueError, match="5 SuperNodes but the partition defines 2 sites"):
         handle_train(_train_message(_initial_state(spec), 1), context, spec)
+
+
+def _masked_stage_request(server_round):
+    """What SecAggPlusWorkflow's "collect masked vectors" stage hands the train handler (after secaggplus_mod)."""
+    from flwr.common import FitIns, Parameters
+    from flwr.compat.common.recorddict_compat import fitins_to_recorddict
+
+    fitins = FitIns(Parameters(tensors=[], tensor_type=""), {"server-round": server_round})
+    return Message(fitins_to_recorddict(fitins, keep_input=False), dst_node_id=1, message_type="train")
+
+
+def test_under_secure_aggregation_the_update_is_held_and_released_once_for_masking(spec):
+    from flwr.common import parameters_to_ndarrays
+    from flwr.compat.common.recorddict_compat import recorddict_to_fitres
+
+    state, context = _initial_state(spec), _context()
+    reply = handle_train(_train_message(state, 1, secure=True), context, spec)
+    assert set(reply.content.keys()) == {"metrics", "site", "privacy", "update-held"}  # no weights in the clear
+    assert HELD in context.state
+    with pytest.raises(ValueError, match="update of round 2; this site holds round 1"):
+        handle_train(_masked_stage_request(2), context, spec)
+    fitres = recorddict_to_fitres(handle_train(_masked_stage_request(1), context, spec).content, keep_input=True)
+    assert fitres.num_examples == dict(reply.content["metrics"])["num-records"]
+    update = parameters_to_ndarrays(fitres.parameters)
+    assert [u.shape for u in update] == [tuple(v.shape) for v in state.values()]
+    assert 0 < max(float(abs(u).max()) for u in update) <= load(spec.config_path).federation.secagg_clipping_range
+    with pytest.raises(ValueError, match="this site holds none"):  # sent once: a replayed request finds nothing
+        handle_train(_masked_stage_request(1), context, spec)
+
+
+def test_a_site_whose_config_asks_for_secure_aggregation_refuses_to_send_weights_in_the_clear(spec):
+    secure = RunSpec(spec.config_path, ("federation.secure_aggregation=true",), spec.run_dir)
+    with pytest.raises(ValueError, match="asked for the site's weights in the clear; refusing"):
+        handle_train(_train_message(_initial_state(spec), 1), _context(), secure)
+
+
+def _moved(state, first_coordinate=None, everywhere=0.0):
+    moved = {k: v.clone() + everywhere for k, v in state.items()}
+    if first_coordinate is not None:
+        next(iter(moved.values())).view(-1)[0] += first_coordinate
+    return moved
+
+
+@pytest.mark.parametrize("moved, check", [
+    (lambda s: _moved(s, first_coordinate=float("nan")), "finite"),
+    (lambda s: _moved(s, first_coordinate=2.0), "clipping-range"),  # beyond secagg_clipping_range 1.0
+    (lambda s: _moved(s, everywhere=0.5), "norm"),  # 0.5 * sqrt(68,744 parameters) = 131 > max_update_norm 100
+])
+def test_an_update_secure_aggregation_would_mangle_is_refused_before_it_is_held(spec, moved, check):
+    cfg, state, context = load(spec.config_path), _initial_state(spec), _context()
+    refused = hold_update(context, cfg, state, moved(state), 1, 10)
+    assert refused is not None and refused[0] == check
+    assert HELD not in context.state
+    assert hold_update(context, cfg, state, _moved(state, everywhere=0.01), 1, 10) is None
+    assert HELD in context.state

@@ -94,3 +94,17 @@ def test_round_monitoring_appends_a_row_per_round_scored_against_the_server_refe
     reference = reference_set(cfg).signals12()
     assert rows[0]["mean_abs_mv_real"] == pytest.approx(float(np.abs(reference).mean()), rel=1e-5)
     assert all(np.isfinite(value) for row in rows for value in row.values())
+
+
+def test_a_resumed_run_keeps_the_metrics_columns_it_started_with(tmp_path):
+    from server.artifacts import METRIC_FIELDS, RunArtifacts, read_metrics
+
+    older = [f for f in METRIC_FIELDS if f != "rejected"]  # a run begun before the column existed
+    (tmp_path / "metrics.csv").write_text(",".join(older) + "\n" + ",".join(["1", "site-0"] + [""] * (len(older) - 2)) + "\n")
+    RunArtifacts(tmp_path, from_dict({})).append_metrics([{"round": 2, "site": "site-0", "rejected": "finite: x"}])
+    lines = (tmp_path / "metrics.csv").read_text().splitlines()
+    assert lines[0].split(",") == older and len({line.count(",") for line in lines}) == 1
+    assert [row["round"] for row in read_metrics(tmp_path / "metrics.csv")] == ["1", "2"]
+    fresh = tmp_path / "fresh"
+    RunArtifacts(fresh, from_dict({})).append_metrics([{"round": 1, "site": "site-0", "rejected": "finite: x"}])
+    assert read_metrics(fresh / "metrics.csv")[0]["rejected"] == "finite: x"
