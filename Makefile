@@ -61,7 +61,7 @@ test: setup
 test-fast:
 	$(PY) -m pytest -q -m "not slow" -x
 
-# End-to-end runs marked slow: Flower's engines, deployments on 127.0.0.1, audits, evaluations (about 15 minutes).
+# End-to-end runs marked slow: Flower's engines, deployments on 127.0.0.1, their faults, audits, evaluations (about 20 minutes).
 test-e2e: setup
 	$(PY) -m pytest -q -m slow --durations=15
 

@@ -22,8 +22,11 @@ from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.compat.common.recorddict_compat import fitres_to_recorddict
 
-from client.site import audit_site, evaluate_memorization, load_site, open_ledger, train_round
 from common.config import Config, RunSpec
+
+# client.site (torch, Opacus, SciPy: seconds to import) is imported where a handler trains or evaluates. In a
+# deployment each message starts a new ClientApp process, and three of SecAgg+'s four stages, and the release
+# of the held update, need none of it.
 
 log = logging.getLogger("fedecg.client")
 HELD = "fedecg.held-update"  # context.state keys: the update awaiting SecAgg+, and its round and declared N
@@ -34,6 +37,7 @@ def handle_train(msg: Message, context: Context, spec: RunSpec) -> Message:
     cfg = spec.load()
     if "fitins.config" in msg.content:  # SecAgg+ "collect masked vectors": secaggplus_mod masks what we return
         return release_held_update(msg, context)
+    from client.site import load_site, open_ledger, train_round
     node_config = dict(context.node_config)
     site = load_site(cfg, node_config)
     ledger = open_ledger(cfg, site, node_config)
@@ -111,6 +115,8 @@ def secure_aggregation_mod(msg: Message, context: Context, call_next: ClientAppC
 
 def handle_memorization(msg: Message, context: Context, spec: RunSpec) -> Message:
     """The check runs on the site's records and its report stays there; the server learns that it ran."""
+    from client.site import evaluate_memorization, load_site, open_ledger
+
     cfg = spec.load()
     node_config = dict(context.node_config)
     site = load_site(cfg, node_config)
@@ -123,6 +129,8 @@ def handle_memorization(msg: Message, context: Context, spec: RunSpec) -> Messag
 
 def handle_audit(msg: Message, context: Context, spec: RunSpec) -> Message:
     """Score this site's canaries under the final weights; only the audit's summary is sent back."""
+    from client.site import audit_site, load_site, open_ledger
+
     cfg = spec.load()
     node_config = dict(context.node_config)
     site = load_site(cfg, node_config)

@@ -381,6 +381,7 @@ class RunSpec:
     run_dir: str = ""
     resume: bool = False
     until_round: int = 0  # stop (with a checkpoint) after this round; 0 runs to the end
+    site_registry: str = ""  # JSON site name -> node id (server/site_registry.py); "" trusts the names sites report
 
     @classmethod
     def from_run_config(cls, run_config: dict[str, Any]) -> "RunSpec":
@@ -393,6 +394,7 @@ class RunSpec:
             run_dir=str(run_config.get("run-dir", "") or ""),
             resume=bool(run_config.get("resume", False)),
             until_round=int(run_config.get("until-round", 0) or 0),
+            site_registry=str(run_config.get("site-registry", "") or ""),
         )
 
     def to_run_config(self) -> dict[str, Any]:
@@ -402,6 +404,7 @@ class RunSpec:
             "run-dir": self.run_dir,
             "resume": self.resume,
             "until-round": self.until_round,
+            "site-registry": self.site_registry,
         }
 
     def load(self) -> Config:

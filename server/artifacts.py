@@ -1,6 +1,7 @@
 """What a federated run writes to its run directory, so that server_app.py holds only the Flower protocol.
 
     metrics.csv          one row per site per round, and a "global" row per aggregated round
+    metrics_discarded.csv  rows of rounds a resumed run replayed (written but never checkpointed)
     checkpoints/round_NNNN/  weights, config, normalizer, strategy state, privacy ledger; LATEST names the newest
     base_model.json      the public base the run started from (when federation.init_from is set)
     samples_roundNNN.png every federation.sample_every rounds: a grid sampled from the global model
@@ -66,7 +67,42 @@ class RunArtifacts:
             raise ValueError(f"--resume: the config differs from the one {self.run_dir} was started with")
         load_strategy_state(latest / "strategy.safetensors", strategy)
         ledger = PrivacyLedger.from_json((latest / "ledger.json").read_text())
-        return state, ledger, int(progress["round"]), str(progress["run_key"])
+        done = int(progress["round"])
+        self.set_aside_metrics_after(done)
+        return state, ledger, done, str(progress["run_key"])
+
+    def set_aside_metrics_after(self, done: int) -> int:
+        """Move metrics.csv rows of rounds after `done` (the latest checkpoint) to metrics_discarded.csv.
+
+        A run stopped after a round's rows were written but before its checkpoint (or during a round that
+        failed) replays that round when resumed: its rows would appear twice. They stay on record, apart;
+        the spend they show is in the sites' ledgers and reported again by the replayed round. Returns how many.
+        """
+        path = self.run_dir / "metrics.csv"
+        if not path.is_file():
+            return 0
+        with path.open(newline="") as handle:
+            reader = csv.DictReader(handle)
+            fields, rows = reader.fieldnames or list(METRIC_FIELDS), list(reader)
+        later = [r for r in rows if int(r["round"]) > done]
+        if not later:
+            return 0
+        discarded = self.run_dir / "metrics_discarded.csv"
+        new = not discarded.exists()
+        with discarded.open("a", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=fields)
+            if new:
+                writer.writeheader()
+            writer.writerows(later)
+        tmp = path.with_suffix(".tmp")
+        with tmp.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(r for r in rows if int(r["round"]) <= done)
+        tmp.replace(path)
+        log.warning("resuming after round %d: %d metrics rows of later rounds (not checkpointed, replayed now) moved "
+                    "to %s", done, len(later), discarded.name)
+        return len(later)
 
     def append_metrics(self, rows: list[dict]) -> None:
         path = self.run_dir / "metrics.csv"

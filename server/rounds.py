@@ -121,9 +121,13 @@ def _send_train(grid: Grid, strategy, server_round: int, arrays: ArrayRecord, ru
                            "secure-aggregation": fc.secure_aggregation})
     messages = list(strategy.configure_train(server_round, arrays, config, grid))
     replies = list(grid.send_and_receive(messages=messages, timeout=ROUND_TIMEOUT_S))
+    # The SuperLink answers for a node that went offline with src_node_id = its own id (1): name the node
+    # the message was sent to, found by the id of the message the reply answers.
+    sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
     for m in replies:
         if m.has_error():
-            log.error("round %d: node %d failed: %s", server_round, m.metadata.src_node_id, m.error.reason)
+            node = sent_to.get(m.metadata.reply_to_message_id, m.metadata.src_node_id)
+            log.error("round %d: node %d failed: %s", server_round, node, m.error.reason)
     return [m for m in replies if not m.has_error()]
 
 
@@ -161,12 +165,18 @@ def _reject(server_round: int, row: dict, node: int, rejection: Rejection) -> No
 
 
 def _record_reply(message: Message, ledger: PrivacyLedger, server_round: int) -> dict:
-    """One site's reply as a metrics row; its budget goes into the ledger, which refuses conflicts."""
+    """One site's reply as a metrics row; its budget goes into the ledger, which refuses conflicts.
+
+    The claimed site name is checked against the reply's authenticated node first (the site registry's
+    binding, when the run has one), with or without DP: a conflict fails the run before anything of that
+    reply is recorded or aggregated, since the certificate could no longer say whose records were spent.
+    """
     name = site_name(message)
-    if "privacy" in message.content:
-        try:
+    try:
+        ledger.bind(message.metadata.src_node_id, name)
+        if "privacy" in message.content:
             ledger.update(message.metadata.src_node_id, name, str(message.content["privacy"]["budget"]))
-        except LedgerConflict as err:
-            log.error("round %d: %s", server_round, err)
-            raise
+    except LedgerConflict as err:
+        log.error("round %d: %s; stopping the run", server_round, err)
+        raise
     return {"round": server_round, "site": name, **dict(message.content["metrics"])}

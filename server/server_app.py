@@ -25,6 +25,7 @@ from common.config import save as save_config
 from common.run_dir import default_run_dir
 from server.artifacts import RunArtifacts
 from server.rounds import ROUND_TIMEOUT_S, RoundFailed, play_round, site_name
+from server.site_registry import load_site_registry
 from server.strategy import PrivacyLedger, build_strategy
 
 log = logging.getLogger("fedecg.server")
@@ -43,6 +44,10 @@ def run_server(grid: Grid, context: Context, spec: RunSpec) -> Path:
     run_dir = artifacts.run_dir
     strategy = build_strategy(cfg)
     state, ledger, start_round, run_key = _resume(artifacts, strategy) if spec.resume else _start(artifacts)
+    if spec.site_registry:
+        ledger.seed(load_site_registry(spec.site_registry))
+        log.info("site registry %s: replies are accepted only from each site's registered node (%s)",
+                 spec.site_registry, ", ".join(f"{name}={node}" for name, node in sorted(ledger.nodes.items())))
     arrays = ArrayRecord(state)
     last_round = fc.rounds if not spec.until_round else min(fc.rounds, spec.until_round)
     for server_round in range(start_round, last_round + 1):
@@ -69,11 +74,11 @@ def run_server(grid: Grid, context: Context, spec: RunSpec) -> Path:
             break
 
     if cfg.evaluation.site_records > 0:
-        _site_memorization(grid, arrays, run_dir)
+        _site_memorization(grid, arrays, run_dir, ledger)
     if cfg.privacy.enabled:
         artifacts.certify(ledger)
     if cfg.audit.pairs_per_site:
-        _site_audit(grid, arrays, run_dir, run_key, cfg)
+        _site_audit(grid, arrays, run_dir, run_key, cfg, ledger)
     artifacts.finish(ledger)
     print(f"\nrun directory: {run_dir}\n{ledger.table()}", flush=True)
     return run_dir
@@ -96,7 +101,7 @@ def _resume(artifacts: RunArtifacts, strategy) -> tuple[dict, PrivacyLedger, int
     return state, ledger, done + 1, run_key
 
 
-def _site_memorization(grid: Grid, arrays: ArrayRecord, run_dir: Path) -> None:
+def _site_memorization(grid: Grid, arrays: ArrayRecord, run_dir: Path, ledger: PrivacyLedger) -> None:
     """Ask every site to check the final model for memorization of its own records; the reports stay there."""
     from flwr.app import MessageType, RecordDict
 
@@ -109,6 +114,7 @@ def _site_memorization(grid: Grid, arrays: ArrayRecord, run_dir: Path) -> None:
         if reply.has_error():
             log.error("site memorization check failed on node %d: %s", reply.metadata.src_node_id, reply.error.reason)
             continue
+        ledger.bind(reply.metadata.src_node_id, site_name(reply))  # a site speaks only for itself
         checked.append(site_name(reply))
     (run_dir / "site_memorization.json").write_text(json.dumps(
         {"checked_at_sites": sorted(checked),
@@ -116,7 +122,8 @@ def _site_memorization(grid: Grid, arrays: ArrayRecord, run_dir: Path) -> None:
     log.info("memorization checked inside sites %s; reports stay at the sites", sorted(checked))
 
 
-def _site_audit(grid: Grid, arrays: ArrayRecord, run_dir: Path, run_key: str, cfg: Config) -> None:
+def _site_audit(grid: Grid, arrays: ArrayRecord, run_dir: Path, run_key: str, cfg: Config,
+                ledger: PrivacyLedger) -> None:
     """Collect every site's canary-audit summary and write the pooled bound to audit.json."""
     from flwr.app import MessageType, RecordDict
 
@@ -129,6 +136,7 @@ def _site_audit(grid: Grid, arrays: ArrayRecord, run_dir: Path, run_key: str, cf
     for reply in grid.send_and_receive(messages=messages, timeout=ROUND_TIMEOUT_S):
         if reply.has_error():
             raise RuntimeError(f"canary audit failed on node {reply.metadata.src_node_id}: {reply.error.reason}")
+        ledger.bind(reply.metadata.src_node_id, site_name(reply))
         summaries[site_name(reply)] = dict(reply.content["metrics"])
     certificate = run_dir / "privacy.json"
     certified = json.loads(certificate.read_text())["release"]["epsilon"] if certificate.is_file() else None

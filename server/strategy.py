@@ -77,16 +77,37 @@ class PrivacyLedger:
 
     A site name is bound to the first node that reports it; another node claiming it is refused, and a
     site whose step count goes backwards (lost state) is refused too. Bindings are per server process:
-    node ids change when a run resumes.
+    node ids change when a run resumes. With a site registry (`seed`), the bindings are the registry's from
+    the start, across resumes: a node may report only its registered site, and an unregistered name is refused.
     """
 
     sites: dict[str, dict] = field(default_factory=dict)
     nodes: dict[str, int] = field(default_factory=dict)
+    registered: bool = False  # the bindings came from a site registry: no other name, no other node
 
-    def update(self, node_id: int, site: str, budget_json: str) -> SiteBudget:
+    def seed(self, registry: dict[str, int]) -> None:
+        """Bind each site name to its registered node id (server/site_registry.py) before any reply arrives."""
+        self.nodes = dict(registry)
+        self.registered = True
+
+    def bind(self, node_id: int, site: str) -> None:
+        """Accept that authenticated node `node_id` is site `site`, or raise LedgerConflict."""
+        if self.registered:
+            registered = self.nodes.get(site)
+            if registered is None:
+                raise LedgerConflict(f"node {node_id} claims site {site}, which the site registry does not name")
+            if registered != node_id:
+                own = [name for name, node in self.nodes.items() if node == node_id]
+                raise LedgerConflict(
+                    f"node {node_id} claims site {site}, registered to node {registered}; node {node_id} is "
+                    f"{'registered as ' + own[0] if own else 'in no registry entry'}")
+            return
         bound = self.nodes.setdefault(site, node_id)
         if bound != node_id:
             raise LedgerConflict(f"nodes {bound} and {node_id} both claim site {site}; each site must run on one node")
+
+    def update(self, node_id: int, site: str, budget_json: str) -> SiteBudget:
+        self.bind(node_id, site)
         budget = SiteBudget.from_json(budget_json)
         if budget.site != site:
             raise LedgerConflict(f"node {node_id} reports site {site} with the budget of site {budget.site}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,7 +111,11 @@ def _site_plan(
     registered = register_sites(
         supervisor, flower_executable("flwr"), CONNECTION, site_names(staged.cfg), keys, deadline
     )
-    write_registry(flwr_homes / "superlink" / REGISTRY, registered)
+    registry = write_registry(flwr_homes / "superlink" / REGISTRY, registered)
+    # The ServerApp binds each site name to its registered node id: a node claiming another site is refused.
+    with staged.run_config.open("rb") as handle:
+        run_config = tomllib.load(handle)
+    write_toml_table(staged.run_config, {**run_config, "site-registry": str(registry)})
     by_public_key = {key.public.read_text().strip(): key for key in keys}
     return [(site.index, by_public_key[site.public_key]) for site in registered]
 

@@ -7,6 +7,7 @@ Deployment: a SuperLink and one SuperNode per site, then `flwr run APP fedecg-lo
 from __future__ import annotations
 
 import dataclasses
+import logging
 import shutil
 import tempfile
 import time
@@ -33,6 +34,8 @@ from simulations.deploy.flower import (
 from simulations.deploy.launch import Launch, StagedRun
 from simulations.deploy.loopback import deployment_launch, loopback_security
 from simulations.deploy.supervisor import ProcessId, Supervisor, processes_mentioning
+
+log = logging.getLogger(__name__)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
@@ -76,9 +79,18 @@ def _resolved_inputs(
     return config_path, overrides, load(config_path, overrides), root
 
 
-def _prepare_run_dir(run_dir: str | Path | None, cfg: Config, mode: str) -> Path:
+def _prepare_run_dir(run_dir: str | Path | None, cfg: Config, mode: str, resume: bool = False) -> Path:
+    """A new run directory; or, to resume, one holding a checkpoint, its earlier attempt's files moved aside."""
     from common.bundle import latest_checkpoint
 
+    if resume:
+        if run_dir is None:
+            raise ValueError("resuming needs the run directory of the run to continue")
+        run_dir = Path(run_dir).resolve()
+        if latest_checkpoint(run_dir) is None:
+            raise FileNotFoundError(f"{run_dir} holds no checkpoint to resume from")
+        _move_attempt_aside(run_dir)
+        return run_dir
     if run_dir is None:
         run_dir = default_run_dir(cfg, mode)
     run_dir = Path(run_dir).resolve()
@@ -88,20 +100,35 @@ def _prepare_run_dir(run_dir: str | Path | None, cfg: Config, mode: str) -> Path
     return run_dir
 
 
+def _move_attempt_aside(run_dir: Path) -> None:
+    """RUN/.flwr and RUN/logs of the attempts before -> RUN/attempts/N/: kept for the record, never overwritten.
+
+    The new attempt makes its own staged app, TLS files and SuperNode keys (the loopback refuses to overwrite
+    credentials); the sites' ledgers and secret keys live in their state directories and carry over.
+    """
+    attempts = run_dir / "attempts"
+    number = 1 + max((int(p.name) for p in attempts.glob("*") if p.name.isdigit()), default=0)
+    for name in (".flwr", "logs"):
+        if (run_dir / name).exists():
+            (attempts / str(number)).mkdir(parents=True, exist_ok=True)
+            (run_dir / name).rename(attempts / str(number) / name)
+
+
 def _stage_run(
     config_path: str | Path, overrides: Sequence[str], data_root: str | Path | None,
-    run_dir: str | Path | None, project: str | Path, label: str,
+    run_dir: str | Path | None, project: str | Path, label: str, resume: bool = False,
 ) -> StagedRun:
     from common.data.partition import count_sites
 
     config_path, overrides, cfg, root = _resolved_inputs(config_path, overrides, data_root)
     num_sites = count_sites(cfg)
-    run_dir = _prepare_run_dir(run_dir, cfg, label)
+    run_dir = _prepare_run_dir(run_dir, cfg, label, resume)
     app = stage_app(Path(project), run_dir / ".flwr" / "app")
-    run_config = write_toml_table(
-        run_dir / ".flwr" / "run_config.toml",
-        {"config-path": str(config_path), "overrides": ";".join(overrides), "run-dir": str(run_dir)},
-    )
+    values: dict[str, str | bool] = {"config-path": str(config_path), "overrides": ";".join(overrides),
+                                     "run-dir": str(run_dir)}
+    if resume:  # the ServerApp continues from the run directory's latest checkpoint (RunSpec.resume)
+        values["resume"] = True
+    run_config = write_toml_table(run_dir / ".flwr" / "run_config.toml", values)
     return StagedRun(config_path, overrides, cfg, root, num_sites, run_dir, app, run_config)
 
 
@@ -246,6 +273,8 @@ def run_loopback_deployment(
     progress: bool = True,
     certs: str | Path | None = None,
     insecure: bool = False,
+    resume: bool = False,
+    secure_aggregation: bool | None = None,
 ) -> FlowerRunResult:
     """SuperLink + one SuperNode per site on 127.0.0.1, `flwr run` of the fedecg app, then everything stopped.
 
@@ -255,13 +284,42 @@ def run_loopback_deployment(
     which site. Each SuperNode gets node_config `site` (its index), `data-root` and `state-dir`. Raises
     DeploymentError (after stopping every process) if a process dies, the run fails or times out, or
     outputs are missing.
+
+    `resume` continues the run in `run_dir` (same config and overrides) from its latest checkpoint, after
+    a crash or a stop: fresh Flower processes, the ServerApp told `resume = true`; the earlier attempt's
+    .flwr and logs folders are moved to RUN/attempts/N/. Each site's spend carries over in its own ledger.
+
+    `secure_aggregation` True (the default for a new run) appends `federation.secure_aggregation=true`: the
+    server learns only the weighted mean of the sites' updates (SecAgg+ over the network). False appends
+    `=false`, loudly. None: True, or when resuming, what the run directory's saved config says.
     """
     if insecure and certs is not None:
         raise ValueError("--insecure and --certs contradict each other: choose one")
+    if secure_aggregation is None:
+        secure_aggregation = _saved_secure_aggregation(run_dir) if resume else True
+    overrides = [*overrides, secure_aggregation_override(overrides, secure_aggregation)]
     tls = TlsFiles.in_dir(certs) if certs is not None else None  # a wrong folder fails before anything is staged
-    staged = _stage_run(config_path, overrides, data_root, run_dir, project, "loopback")
+    staged = _stage_run(config_path, overrides, data_root, run_dir, project, "loopback", resume)
     security = loopback_security(staged.run_dir, tls, insecure)
     return _run(staged, deployment_launch(staged, timeout_s, security), timeout_s, progress)
+
+
+def _saved_secure_aggregation(run_dir: str | Path | None) -> bool:
+    """A resumed run keeps the aggregation it started with (the ServerApp refuses a changed config)."""
+    saved = Path(run_dir) / "config.yaml" if run_dir is not None else None
+    return load(saved).federation.secure_aggregation if saved is not None and saved.is_file() else True
+
+
+def secure_aggregation_override(overrides: Sequence[str], secure: bool) -> str:
+    """`federation.secure_aggregation=...` as asked; a --set that says otherwise contradicts it."""
+    for text in overrides:
+        key, _, value = text.partition("=")
+        if key.strip() == "federation.secure_aggregation" and value.strip().lower() != str(secure).lower():
+            raise ValueError(f"--set {text} contradicts {'the default SecAgg+' if secure else '--no-secure-aggregation'}:"
+                             " use --no-secure-aggregation to aggregate in the clear")
+    if not secure:
+        log.warning("PLAIN AGGREGATION: the server sees every site's update (SecAgg+ off by --no-secure-aggregation)")
+    return f"federation.secure_aggregation={str(secure).lower()}"
 
 
 def run_flwr_local_simulation(

@@ -6,7 +6,8 @@ Fleet request whose node id is not the one of the key that signed it. So a node 
 across reconnects, for as long as the SuperLink's state lives (in memory unless `--database FILE`).
 Flower does not check the `site` a SuperNode names in its own node config. The registry written here is
 the SuperLink operator's record of which node id is which site; the loopback writes every SuperNode's
-node config from it, and a server that reads it can refuse a node reporting another site's name.
+node config from it and gives it to the ServerApp (run config `site-registry`, server/site_registry.py),
+which refuses a node reporting another site's name.
 """
 
 from __future__ import annotations

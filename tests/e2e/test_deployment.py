@@ -1,8 +1,9 @@
 """The fedecg apps on Flower's deployment engine: a SuperLink and two SuperNodes over loopback, `flwr run`.
 
 Real processes end to end: the default run (TLS from a private CA, only registered SuperNode keys may
-join) trains and leaves nothing running; a SuperNode whose key was never registered is refused; a run
-that cannot finish fails clearly. The pieces these rely on have unit tests in tests/simulations/deploy/.
+join, SecAgg+ over the network, the site registry at the server) trains and leaves nothing running; a
+SuperNode whose key was never registered is refused; a run that cannot finish fails clearly. The pieces
+these rely on have unit tests in tests/simulations/deploy/.
 """
 
 from __future__ import annotations
@@ -114,6 +115,28 @@ def check_tls_and_auth(result: FlowerRunResult) -> None:
     assert sorted(set(map(int, activated))) == sorted(site.node_id for site in registry)
 
 
+def check_secure_aggregation(result: FlowerRunResult, rounds: int) -> None:
+    """SecAgg+ was on by default and really ran over the network: the server unmasked a sum every round, from
+    both sites, each site's ClientApp answered the four SecAgg+ stages, and no update was left out."""
+    from common.config import load
+
+    cfg = load(result.run_dir / "config.yaml")
+    assert cfg.federation.secure_aggregation
+    server_log = (result.log_dir / "flwr-run.log").read_text()
+    sites = result.num_sites
+    assert server_log.count(f"[Stage 2] Received masked vectors from {sites} clients.") == rounds
+    assert server_log.count(f"[Stage 3] Received key shares from {sites} clients.") == rounds
+    assert server_log.count("INFO:Secure aggregation completed.") == rounds
+    for site in range(sites):  # one ClientApp process per message: a train message and four stages per round
+        supernode_log = (result.log_dir / f"supernode-{site}.log").read_text()
+        assert supernode_log.count("Start `flwr-clientapp` process") >= 5 * rounds
+    with (result.run_dir / "metrics.csv").open() as handle:
+        assert [row for row in csv.DictReader(handle) if row["rejected"]] == []
+    # The ServerApp was given the site registry: each site name is bound to its registered node id.
+    assert f'site-registry = "{result.run_dir / ".flwr" / "superlink" / REGISTRY}"' in (
+        result.run_dir / ".flwr" / "run_config.toml").read_text()
+
+
 @pytest.mark.slow
 def test_default_loopback_deployment_uses_tls_and_registered_keys_trains_and_stops_every_process(
     request: pytest.FixtureRequest, tmp_path: Path
@@ -127,6 +150,7 @@ def test_default_loopback_deployment_uses_tls_and_registered_keys_trains_and_sto
     assert result.num_sites == 2
     check_federated_run(result.run_dir, rounds=2, num_sites=2)
     check_tls_and_auth(result)
+    check_secure_aggregation(result, rounds=2)
     # Each site kept its ledger and secret key under the node's state-dir, outside the run directory.
     assert len(list((tmp_path / "sites").glob("iid-*/ledger.json"))) == 2
     assert len(list((tmp_path / "sites").glob("iid-*/secret.key"))) == 2

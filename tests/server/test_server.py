@@ -108,3 +108,29 @@ def test_a_resumed_run_keeps_the_metrics_columns_it_started_with(tmp_path):
     fresh = tmp_path / "fresh"
     RunArtifacts(fresh, from_dict({})).append_metrics([{"round": 1, "site": "site-0", "rejected": "finite: x"}])
     assert read_metrics(fresh / "metrics.csv")[0]["rejected"] == "finite: x"
+
+
+def test_resuming_sets_aside_the_metrics_of_rounds_after_the_checkpoint_so_no_round_is_counted_twice(tmp_path):
+    """A server killed after writing round 2's rows but before its checkpoint replays round 2 when resumed."""
+    from flwr.app import ArrayRecord
+
+    from server.artifacts import RunArtifacts, read_metrics
+    from server.strategy import PrivacyLedger, build_strategy
+
+    cfg = load(tiny_run_config(tmp_path / "ptb-xl", tmp_path))
+    artifacts = RunArtifacts(tmp_path / "run", cfg)
+    strategy = build_strategy(cfg)
+    state = {k: v.detach() for k, v in build_denoiser(cfg.model).state_dict().items()}
+    artifacts.append_metrics([{"round": 1, "site": "iid-0", "steps": 2}, {"round": 1, "site": "global"}])
+    artifacts.checkpoint(1, ArrayRecord(state), strategy, PrivacyLedger(), "key")
+    artifacts.append_metrics([{"round": 2, "site": "iid-0", "steps": 2}, {"round": 2, "site": "global"}])  # then killed
+
+    _, _, done, run_key = RunArtifacts(tmp_path / "run", cfg).resume(build_strategy(cfg))
+    assert (done, run_key) == (1, "key")
+    assert [(r["round"], r["site"]) for r in read_metrics(tmp_path / "run" / "metrics.csv")] == [
+        ("1", "iid-0"), ("1", "global")]
+    assert [(r["round"], r["site"]) for r in read_metrics(tmp_path / "run" / "metrics_discarded.csv")] == [
+        ("2", "iid-0"), ("2", "global")]
+    artifacts.append_metrics([{"round": 2, "site": "iid-0", "steps": 2}])  # the replayed round
+    assert [r["round"] for r in read_metrics(tmp_path / "run" / "metrics.csv")] == ["1", "1", "2"]
+    assert RunArtifacts(tmp_path / "run", cfg).set_aside_metrics_after(2) == 0  # nothing later: untouched

@@ -94,3 +94,21 @@ def test_the_site_registry_reads_back_and_a_broken_one_is_refused(tmp_path: Path
     path.write_text('{"sites": [{"site": 0}]}')
     with pytest.raises(DeploymentError, match="not a site registry"):
         read_registry(path)
+
+
+def test_secure_aggregation_is_the_default_and_plain_aggregation_needs_the_flag(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from simulations.deploy.runs import secure_aggregation_override
+
+    assert secure_aggregation_override(["train.lr=0.1"], True) == "federation.secure_aggregation=true"
+    with caplog.at_level(logging.WARNING):
+        assert secure_aggregation_override([], False) == "federation.secure_aggregation=false"
+    assert "PLAIN AGGREGATION" in caplog.text
+    # A --set that turns SecAgg+ off without the flag is refused, before anything is staged.
+    with pytest.raises(ValueError, match="use --no-secure-aggregation"):
+        run_loopback_deployment(CONFIG, ["federation.secure_aggregation=false"], data_root=tmp_path,
+                                run_dir=tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+    assert main(["--local-simulation", "--no-secure-aggregation", "--data-root", str(tmp_path)]) == 2
+    assert "--no-secure-aggregation applies to the deployment" in capsys.readouterr().err
