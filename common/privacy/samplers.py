@@ -1,8 +1,10 @@
-"""Per-sample gradients for Opacus: the S4D grad sampler, the functorch fallback switch, and the merge of
-noise-multiplicity rows.
+"""Per-sample gradients for Opacus: the S4D and Conv1d grad samplers, the functorch fallback switch, and the
+merge of noise-multiplicity rows.
 
 Importing this module registers `S4DKernelConv.per_sample_grads` (exact, closed form; see s4.py) with both
-of Opacus' hook registries, so no layer of the denoiser falls back to functorch.
+of Opacus' hook registries, so no layer of the denoiser falls back to functorch, and a Conv1d sampler that
+replaces Opacus' im2col (Opacus unfolds a Conv1d as a 2-D image: 36 % of a DP step of the `unet` preset on
+2 CPU cores, measured with torch.profiler).
 """
 
 from __future__ import annotations
@@ -10,10 +12,13 @@ from __future__ import annotations
 import contextlib
 from typing import Iterator
 
+import torch
 from opacus.grad_sample import GradSampleModule, register_grad_sampler
+from opacus.grad_sample.conv import compute_conv_grad_sample
 from opacus.grad_sample.grad_sample_module import GradSampleHooks
 from opacus.grad_sample.grad_sample_module_fast_gradient_clipping import GradSampleHooksFastGradientClipping
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from common.model.s4 import S4DKernelConv
 
@@ -21,6 +26,28 @@ from common.model.s4 import S4DKernelConv
 @register_grad_sampler(S4DKernelConv)
 def _s4d_grad_sampler(layer: S4DKernelConv, activations: list[Tensor], backprops: Tensor) -> dict[nn.Parameter, Tensor]:
     return layer.per_sample_grads(activations[0], backprops)
+
+
+@register_grad_sampler(nn.Conv1d)
+def _conv1d_grad_sampler(layer: nn.Conv1d, activations: list[Tensor], backprops: Tensor) -> dict[nn.Parameter, Tensor]:
+    """Exact per-sample Conv1d gradients from a strided view of the input, contracted in one einsum.
+
+    grad_w[n, o, i, j] = sum_t backprops[n, o, t] * x_padded[n, i, t * stride + j * dilation]. Grouped
+    convolutions, string or non-zero padding modes and empty batches go to Opacus' own sampler.
+    """
+    x = activations[0].to(backprops.dtype)
+    if layer.groups != 1 or layer.padding_mode != "zeros" or isinstance(layer.padding, str) or x.shape[0] == 0:
+        return compute_conv_grad_sample(layer, activations, backprops)
+    (pad,), (stride,), (dilation,), (taps,) = layer.padding, layer.stride, layer.dilation, layer.kernel_size
+    if pad:
+        x = F.pad(x, (pad, pad))
+    windows = x.unfold(2, (taps - 1) * dilation + 1, stride)[:, :, : backprops.shape[-1], ::dilation]  # N Cin T taps
+    grads: dict[nn.Parameter, Tensor] = {}
+    if layer.weight.requires_grad:
+        grads[layer.weight] = torch.einsum("not,nitj->noij", backprops, windows)
+    if layer.bias is not None and layer.bias.requires_grad:
+        grads[layer.bias] = backprops.sum(dim=2)
+    return grads
 
 
 _REGISTRIES = (GradSampleHooks.GRAD_SAMPLERS, GradSampleHooksFastGradientClipping.GRAD_SAMPLERS)

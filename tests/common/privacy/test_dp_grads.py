@@ -239,3 +239,27 @@ def test_private_backward_under_bf16_autocast_keeps_s4d_and_mel_in_float32() -> 
     assert losses["mel"].dtype == torch.float32 and torch.isfinite(losses["loss"]).all()
     assert conv.C.grad_sample.dtype == torch.float32 and torch.isfinite(conv.C.grad_sample).all()
     wrapped._close()
+
+
+@pytest.mark.parametrize("conv", [
+    dict(kernel_size=3, padding=1),  # the U-Net blocks
+    dict(kernel_size=4, stride=4),  # the patch stem and the downsampling
+    dict(kernel_size=1),  # the 1x1 projections
+    dict(kernel_size=3, padding=2, dilation=2, stride=2, bias=False),
+    dict(kernel_size=3, padding="same"),  # Opacus' own sampler
+    dict(kernel_size=3, padding=1, groups=2),  # Opacus' own sampler
+], ids=["k3", "patch", "1x1", "dilated-strided", "same", "grouped"])
+def test_the_conv1d_sampler_gives_the_per_example_gradients(conv: dict) -> None:
+    from common.privacy.samplers import _conv1d_grad_sampler
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(4, 6, **conv), nn.SiLU(), nn.Flatten(), nn.LazyLinear(1)).double()
+    x = torch.randn(5, 4, 24, dtype=torch.float64)
+    model(x)  # materialize the lazy layer
+    assert GradSampleModule.GRAD_SAMPLERS[nn.Conv1d] is _conv1d_grad_sampler
+    for reduction in ("sum", "mean"):
+        reference, opacus = compute_grad_samples_microbatch_and_opacus(
+            x, model, loss_reduction=reduction, grad_sample_mode="hooks")
+        for name, expected in reference.items():
+            torch.testing.assert_close(opacus[name], expected, atol=1e-10, rtol=1e-8, msg=name)
+        assert reference["0.weight"].abs().max() > 0
