@@ -68,8 +68,8 @@ test-e2e: setup
 bench: setup
 	$(PY) -m simulations.benchmarks.bench_model --size small --batch 32
 
-# The 2-core quality recipe and its non-private twin, each evaluated on fold 9 (about 2 hours in all; the
-# public base is shipped, `make quality-base` retrains it in about 45 minutes).
+# The 2-core quality recipe and its non-private twin, each evaluated on fold 9 (measured: 390 s and 153 s of
+# federation, 3-8 minutes per evaluation; the public base is shipped, `make quality-base` retrains it in about 45 minutes).
 QUALITY_SITES ?= .fedecg/quality-sites
 quality: setup data-check
 	$(VENV)/bin/fedecg privacy ledger reset --dir "$(QUALITY_SITES)" --reason "make quality: simulated sites, rerun"
