@@ -52,7 +52,7 @@ def handle_train(msg: Message, context: Context, spec: RunSpec) -> Message:
     global_state = msg.content["arrays"].to_torch_state_dict()
     state, metrics, budget = train_round(
         cfg, site, ledger, global_state, server_round, str(config["run-key"]),
-        proximal_mu=float(config.get("proximal-mu", 0.0)),
+        proximal_mu=float(config.get("proximal-mu", 0.0)), resend_release=not secure,
     )
     content = RecordDict({"metrics": MetricRecord(metrics), "site": ConfigRecord({"name": site.name})})
     if budget is not None:

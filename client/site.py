@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from client.audit import audit_summary, coins_for_run, site_canaries, with_canaries
+from client.release import kept_release, save_release, weights_digest
 from common.config import Config
 from common.data.dataset import ECGDataset, load_dataset
 from common.data.metadata import load_metadata
@@ -120,11 +121,14 @@ def train_round(
     run_key: str,
     proximal_mu: float,
     progress: bool = False,
+    resend_release: bool = False,
 ) -> tuple[dict[str, torch.Tensor] | None, dict[str, float], SiteBudget | None]:
     """One round of local training from the global weights.
 
     Returns (weights or None when the budget is spent, the public metrics, the budget). Under DP the steps
     are reserved in the ledger before the first one is taken, and every draw comes from the ledger's secret.
+    With `resend_release` (aggregation in the clear), a round asked for again from the same global weights
+    gets the weights released for it the first time, at no new spend (client/release.py).
     """
     model = build_denoiser(cfg.model)
     model.load_state_dict(global_state)
@@ -144,16 +148,24 @@ def train_round(
         metrics = {**_plan_metrics(site, len(data), result.steps), "loss": result.loss, "eps-loss": result.eps_loss,
                    "mel-loss": result.mel_loss, "train-seconds": result.seconds}
         return _plain(model), metrics, None
+    start = weights_digest(global_state)
     with ledger.locked():
         budget = ledger.budget(run_key, lambda: plan_budget(
             site.name, cfg.privacy, cfg.train.batch_size, len(data), planned_steps(cfg, "federated")))
+        kept = kept_release(ledger.directory, run_key, server_round, start) if resend_release else None
+        if kept is not None:
+            log.warning("site %s: round %d was asked for again from the same weights; sending the weights "
+                        "released for it before (no new spend)", site.name, server_round)
+            return kept[0], kept[1], budget
         steps = ledger.reserve(run_key, budget, cfg.federation.local_steps)
         randomness = ledger.next_randomness()
         if steps == 0:
             return None, _budget_metrics(site, budget, 0), budget
         result = train_local(model, diffusion, data, cfg, steps=steps, budget=budget, randomness=randomness, **tuning)
+        state, metrics = _plain(model), _budget_metrics(site, budget, steps)
+        save_release(ledger.directory, run_key, server_round, start, state, metrics)
     _log_round(ledger, server_round, result)
-    return _plain(model), _budget_metrics(site, budget, steps), budget
+    return state, metrics, budget
 
 
 def _plain(model: torch.nn.Module) -> dict[str, torch.Tensor]:

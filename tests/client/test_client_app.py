@@ -91,9 +91,40 @@ def test_replaying_a_round_from_public_information_does_not_reproduce_it(spec, t
     replay = RunSpec(spec.config_path, ("federation.site_state_dir=" + str(tmp_path / "attacker"),), spec.run_dir)
     replayed = _weights(handle_train(_train_message(state, 1), _context(), replay))
     assert any(not torch.equal(original[k], replayed[k]) for k in original)
-    # Asking the site itself for the same round again draws fresh noise, never the same noise twice.
-    again = _weights(handle_train(_train_message(state, 1), _context(), spec))
-    assert any(not torch.equal(original[k], again[k]) for k in original)
+    # Asking the site for the same round from other weights draws fresh noise, never the same noise twice.
+    moved = {k: v + 0.01 if v.is_floating_point() else v for k, v in state.items()}
+    again = _weights(handle_train(_train_message(moved, 1), _context(), spec))
+    assert any(not torch.equal(original[k] + 0.01, again[k]) for k in original)
+
+
+def _site_ledger(tmp_path):
+    return json.loads(next((tmp_path / "sites").glob("*/ledger.json")).read_text())
+
+
+def test_a_round_asked_for_again_from_the_same_weights_gets_its_first_release_at_no_new_spend(spec, tmp_path):
+    """A server that died before its checkpoint resends the round: the site sends what it released for it."""
+    state = _initial_state(spec)
+    first = handle_train(_train_message(state, 1), _context(), spec)
+    spent = _site_ledger(tmp_path)
+    again = handle_train(_train_message(state, 1), _context(), spec)
+    assert all(torch.equal(_weights(first)[k], _weights(again)[k]) for k in state)
+    assert dict(again.content["metrics"]) == dict(first.content["metrics"])
+    assert again.content["privacy"]["budget"] == first.content["privacy"]["budget"]
+    assert _site_ledger(tmp_path) == spent  # no steps reserved, no draw taken
+    # The next round trains and pays; round 1 is kept no more: asked for after it, the site would have to
+    # train again, and the plan's two rounds are spent, so it answers without weights.
+    handle_train(_train_message(_weights(first), 2), _context(), spec)
+    late = handle_train(_train_message(state, 1), _context(), spec)
+    assert "arrays" not in late.content and dict(late.content["metrics"])["budget-exhausted"] == 1
+
+
+def test_under_secure_aggregation_a_round_asked_for_again_is_trained_anew(spec, tmp_path):
+    """A second SecAgg+ session over one update could unmask it; the site spends again instead."""
+    state = _initial_state(spec)
+    handle_train(_train_message(state, 1, secure=True), _context(), spec)
+    spent = _site_ledger(tmp_path)
+    handle_train(_train_message(state, 1, secure=True), _context(), spec)
+    assert _site_ledger(tmp_path)["draws"] == spent["draws"] + 1
 
 
 def test_the_site_secret_alone_replays_a_round_bit_for_bit(spec, tmp_path):
