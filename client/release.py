@@ -20,7 +20,8 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 
 def weights_digest(state: dict[str, torch.Tensor]) -> str:
@@ -54,10 +55,8 @@ def kept_release(directory: Path, run_key: str, server_round: int,
     path = _path(directory, run_key)
     if not path.is_file():
         return None
-    from safetensors import safe_open
-
     with safe_open(str(path), framework="pt") as handle:
         meta = handle.metadata() or {}
-    if meta.get("round") != str(server_round) or meta.get("start-digest") != start_digest:
-        return None
-    return load_file(str(path)), json.loads(meta["metrics"])
+        if meta.get("round") != str(server_round) or meta.get("start-digest") != start_digest:
+            return None
+        return {name: handle.get_tensor(name) for name in handle.keys()}, json.loads(meta["metrics"])
