@@ -148,7 +148,7 @@ def train_round(
         metrics = {**_plan_metrics(site, len(data), result.steps), "loss": result.loss, "eps-loss": result.eps_loss,
                    "mel-loss": result.mel_loss, "train-seconds": result.seconds}
         return _plain(model), metrics, None
-    start = weights_digest(global_state)
+    start = weights_digest(global_state) if resend_release else ""
     with ledger.locked():
         budget = ledger.budget(run_key, lambda: plan_budget(
             site.name, cfg.privacy, cfg.train.batch_size, len(data), planned_steps(cfg, "federated")))
@@ -163,7 +163,8 @@ def train_round(
             return None, _budget_metrics(site, budget, 0), budget
         result = train_local(model, diffusion, data, cfg, steps=steps, budget=budget, randomness=randomness, **tuning)
         state, metrics = _plain(model), _budget_metrics(site, budget, steps)
-        save_release(ledger.directory, run_key, server_round, start, state, metrics)
+        if resend_release:  # under SecAgg+ a kept release would never be sent: keep no copy of it
+            save_release(ledger.directory, run_key, server_round, start, state, metrics)
     _log_round(ledger, server_round, result)
     return state, metrics, budget
 

@@ -173,9 +173,10 @@ def _record_reply(message: Message, ledger: PrivacyLedger, server_round: int) ->
     """
     name = site_name(message)
     try:
-        ledger.bind(message.metadata.src_node_id, name)
-        if "privacy" in message.content:
+        if "privacy" in message.content:  # update binds the node to the site before it records the budget
             ledger.update(message.metadata.src_node_id, name, str(message.content["privacy"]["budget"]))
+        else:
+            ledger.bind(message.metadata.src_node_id, name)
     except LedgerConflict as err:
         log.error("round %d: %s; stopping the run", server_round, err)
         raise

@@ -125,6 +125,7 @@ def test_under_secure_aggregation_a_round_asked_for_again_is_trained_anew(spec, 
     spent = _site_ledger(tmp_path)
     handle_train(_train_message(state, 1, secure=True), _context(), spec)
     assert _site_ledger(tmp_path)["draws"] == spent["draws"] + 1
+    assert not list((tmp_path / "sites").glob("*/released/*"))  # nothing kept that would never be sent
 
 
 def test_the_site_secret_alone_replays_a_round_bit_for_bit(spec, tmp_path):
