@@ -167,9 +167,11 @@ def load_public_base(path: str | Path, cfg: Config) -> tuple[dict[str, torch.Ten
         raise BundleError(f"federation.init_from={path}: no checkpoint")
     if sha256_file(checkpoint / WEIGHTS) != base["weights_sha256"]:
         raise BundleError(f"federation.init_from={path}: the weights are not the ones base.json describes")
-    plain = to_dict(cfg)
+    plain, defaults = to_dict(cfg), to_dict(Config())
     for section in ("model", "diffusion"):  # the same network, trained for the same noise process
-        if _trained_part(section, base.get(section)) != _trained_part(section, plain[section]):
+        # A key the base's version did not have yet holds its default, the behaviour that version had.
+        recorded = {**defaults[section], **base[section]} if section in base else None
+        if _trained_part(section, recorded) != _trained_part(section, plain[section]):
             raise BundleError(f"federation.init_from={path}: the base's {section} section differs from this config's")
     if base["partition"] != plain["partition"]:
         raise BundleError(

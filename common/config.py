@@ -58,6 +58,7 @@ class ModelConfig:
     blocks: int | None = None
     state_dim: int | None = None
     bidirectional: bool | None = None
+    s4_levels: tuple[int, ...] | None = None  # unet: levels (0 finest) with an S4 layer; must include the coarsest
     cond_dropout: float = 0.1  # probability of dropping all conditioning (classifier-free guidance)
     activation_checkpointing: bool = False
 
@@ -91,7 +92,10 @@ class MidtConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    batch_size: int = 32
+    batch_size: int = 32  # expected (DP: Poisson) examples per optimizer step
+    # > 0: run each batch in forward/backward passes of at most this many examples, one optimizer step per
+    # batch (virtual steps: memory bounded by the pass, DP accounting by the whole batch); 0: one pass
+    max_physical_batch_size: int = 0
     steps: int = 100  # central training steps; federated runs use federation.local_steps
     lr: float = 2e-4
     warmup_steps: int = 0  # central and pretraining runs: linear warm-up of the learning rate
@@ -105,6 +109,14 @@ class TrainConfig:
     log_every: int = 10
     sample_every: int = 0  # central: write a sample grid every N steps (0: only at the end)
     num_samples: int = 4
+
+    def problems(self) -> list[str]:
+        problems = []
+        if self.batch_size < 1:
+            problems.append(f"batch_size must be positive, got {self.batch_size}")
+        if self.max_physical_batch_size < 0:
+            problems.append(f"max_physical_batch_size must be >= 0 (0: no split), got {self.max_physical_batch_size}")
+        return problems
 
 
 @dataclass(frozen=True)
@@ -133,6 +145,7 @@ class EvaluationConfig:
     mia_timesteps: int = 8  # fixed diffusion timesteps averaged per record by the loss attack
     mia_noise_draws: int = 4  # noise draws per timestep (the gap hides in the noise's own variance at one draw)
     sample_steps: int | None = None  # sampler steps for the synthetic set (None: the bundle's diffusion.sample_steps)
+    sample_eta: float | None = None  # DDIM stochasticity for the synthetic set (None: the bundle's diffusion.eta)
     max_clinical_records: int = 2000  # real records delineated for the clinical comparison
     site_records: int = 64  # federated runs: records per site for the site-side memorization check (0: skip)
 

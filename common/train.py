@@ -205,12 +205,28 @@ def _empty_step(loop: _Loop, scheduler, meter: _Meter) -> None:
 
 def _learn(loop: _Loop, diffusion: GaussianDiffusion, x0: torch.Tensor, labels: torch.Tensor, demographics: torch.Tensor,
            cfg: Config, mel_loss: MelSpectrogramLoss | None, scheduler) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """One gradient step on a non-empty batch; its per-example losses [B] and the loss terms."""
-    with _autocast(x0.device, cfg.train.mixed_precision):
-        losses = _losses(diffusion, loop.trained, x0, labels, demographics, cfg, mel_loss)
-    per_sample = losses["loss"].float()  # [B]: DP clips per example
-    _descend(loop, per_sample, cfg.train.grad_clip, scheduler)
-    return per_sample, losses
+    """One optimizer step on a non-empty batch; its per-example losses [B] and the loss terms.
+
+    With train.max_physical_batch_size the batch runs in passes of at most that many examples (virtual
+    steps). Under DP every pass is clipped per example and added to Opacus' running sum, which is noised
+    once, at the last pass: the step, its noise and the sample rate the accountant sees are the whole
+    batch's. Without DP the passes' gradients add up to the batch mean's.
+    """
+    size = x0.shape[0]
+    physical = cfg.train.max_physical_batch_size or size
+    passes = []
+    for start in range(0, size, physical):
+        part = slice(start, start + physical)
+        with _autocast(x0.device, cfg.train.mixed_precision):
+            losses = _losses(diffusion, loop.trained, x0[part], labels[part], demographics[part], cfg, mel_loss)
+        per_sample = losses["loss"].float()  # [b]: DP clips per example
+        _backward(loop, per_sample, share=per_sample.shape[0] / size)
+        if start + physical < size:
+            _accumulate(loop)
+        passes.append({key: value.detach() for key, value in losses.items()} | {"per_sample": per_sample.detach()})
+    _step(loop, cfg.train.grad_clip, scheduler)
+    joined = {key: torch.cat([p[key] for p in passes]) for key in passes[0]}  # each [B]
+    return joined.pop("per_sample"), joined
 
 
 def _after_step(model: nn.Module, anchor: dict[str, torch.Tensor] | None, rate: float, ema: EMA | None) -> None:
@@ -306,14 +322,27 @@ def _losses(diffusion: GaussianDiffusion, trained: nn.Module, x0: torch.Tensor, 
     )
 
 
-def _descend(loop: _Loop, per_sample: torch.Tensor, grad_clip: float, scheduler) -> None:
-    """Backward (per-example clipping and noise under DP, else the mean with optional clipping), then step."""
+def _backward(loop: _Loop, per_sample: torch.Tensor, share: float) -> None:
+    """Gradients of one pass: per example under DP, else `share` (pass size / batch size) of the pass mean."""
     if loop.private is not None:
         loop.private.backward(per_sample)
     else:
-        per_sample.mean().backward()
-        if grad_clip > 0:
-            nn.utils.clip_grad_norm_(loop.optimizer.param_groups[0]["params"], grad_clip)
+        (per_sample.mean() * share).backward()
+
+
+def _accumulate(loop: _Loop) -> None:
+    """Between the passes of one batch: Opacus clips this pass into its running sum and skips the step."""
+    if loop.private is None:
+        return  # .grad keeps adding up
+    loop.optimizer.signal_skip_step(do_skip=True)
+    loop.optimizer.step()
+    loop.optimizer.zero_grad(set_to_none=True)  # per-sample gradients go; the clipped sum stays
+
+
+def _step(loop: _Loop, grad_clip: float, scheduler) -> None:
+    """The batch's optimizer step (under DP: clip the last pass, noise the sum, account), then the schedule."""
+    if loop.private is None and grad_clip > 0:
+        nn.utils.clip_grad_norm_(loop.optimizer.param_groups[0]["params"], grad_clip)
     loop.optimizer.step()
     _advance(scheduler)
 

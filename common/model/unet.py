@@ -85,14 +85,16 @@ UNET_PRESET = UNetSpec()
 
 def resolve_unet_spec(cfg: ModelConfig) -> UNetSpec:
     """UNET_PRESET with the config's overrides: `channels` sets the finest width (coarser levels keep the
-    preset's ratios), `blocks` the residual blocks per level, `state_dim` and `bidirectional` the S4 layers."""
+    preset's ratios), `blocks` the residual blocks per level, `s4_levels`, `state_dim` and `bidirectional`
+    the S4 layers."""
     spec = UNET_PRESET
     if cfg.channels is not None:
         if cfg.channels < 1:
             raise ValueError(f"model.channels must be positive, got {cfg.channels}")
         base = spec.channels[0]
         spec = replace(spec, channels=tuple(round(cfg.channels * c / base) for c in spec.channels))
-    overrides = {"res_blocks": cfg.blocks, "state_dim": cfg.state_dim, "bidirectional": cfg.bidirectional}
+    overrides = {"res_blocks": cfg.blocks, "state_dim": cfg.state_dim, "bidirectional": cfg.bidirectional,
+                 "s4_levels": cfg.s4_levels}
     spec = replace(spec, **{k: v for k, v in overrides.items() if v is not None})
     if not 0.0 <= cfg.cond_dropout <= 1.0:
         raise ValueError(f"model.cond_dropout must lie in [0, 1], got {cfg.cond_dropout}")

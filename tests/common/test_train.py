@@ -1,11 +1,12 @@
-"""The one training loop: determinism, secret DP randomness, empty Poisson batches, FedProx, EMA."""
+"""The one training loop: determinism, secret DP randomness, empty Poisson batches, virtual steps, FedProx, EMA."""
 
 import math
 
 import pytest
 import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from common.config import from_dict
+from common.config import ConfigError, from_dict
 from common.diffusion import GaussianDiffusion
 from common.model.denoiser import build_denoiser
 from common.privacy import DPRandomness, plan_budget
@@ -22,11 +23,11 @@ def _data(n=24, length=250, seed=0):  # 2.5 s records: what these tests check do
     return TrainingData(signals, labels, demographics)
 
 
-def _cfg(**privacy):
+def _cfg(train=None, **privacy):
     return from_dict({
         "model": {"size": "tiny"},
         "diffusion": {"timesteps": 50},
-        "train": {"batch_size": 8, "lr": 1e-3, "device": "cpu", "log_every": 1},
+        "train": {"batch_size": 8, "lr": 1e-3, "device": "cpu", "log_every": 1, **(train or {})},
         "privacy": privacy,
     })
 
@@ -131,6 +132,56 @@ def test_empty_poisson_batches_still_step_and_count(mode):
     assert result.steps == 8
     assert result.empty_batches > 0
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+class _ExampleKeyedDiffusion(GaussianDiffusion):
+    """Each example's (t, noise) is a function of the example, so a batch split into passes draws the same."""
+
+    def training_losses(self, model, x0, labels, demographics, **kwargs):
+        t = (x0[:, 0, 0].abs() * 1e4).long() % self.num_timesteps
+        noise = torch.sin(37.0 * x0 + 1.0)
+        keep = torch.ones(x0.shape[0])
+        return super().training_losses(model, x0, labels, demographics, t=t, noise=noise, cond_keep=keep, **kwargs)
+
+
+def _split_run(mode: str | None, physical: int, steps: int = 2) -> tuple[list[torch.Tensor], object]:
+    """The gradient AdamW steps with at each step (under DP: clipped, summed, noised, scaled) and the result."""
+    privacy = {"target_epsilon": 5.0, "noise_multiplier": 1.0, "grad_sample_mode": mode} if mode else {"enabled": False}
+    cfg = _cfg({"max_physical_batch_size": physical}, **privacy)
+    data = _data()
+    budget = plan_budget("a", cfg.privacy, cfg.train.batch_size, len(data), planned_steps=steps) if mode else None
+    torch.manual_seed(0)
+    model = build_denoiser(cfg.model)
+    stepped = []
+
+    def record(optimizer, args, kwargs):
+        if type(optimizer) is torch.optim.AdamW:  # the inner optimizer: what it sees is the final gradient
+            stepped.append(torch.cat([p.grad.flatten() for g in optimizer.param_groups for p in g["params"]]))
+
+    hook = register_optimizer_step_pre_hook(record)
+    try:
+        result = train_local(model, _ExampleKeyedDiffusion(cfg.diffusion), data, cfg, steps=steps, budget=budget,
+                             randomness=DPRandomness(21, 22, 23), seed=5, progress=False)
+    finally:
+        hook.remove()
+    return stepped, result
+
+
+@pytest.mark.parametrize("mode", [None, "hooks", "ghost"])
+def test_virtual_steps_take_the_step_of_the_whole_batch(mode):
+    # The same batches in passes of at most 3 examples: one clipped, noised (once) and accounted step per batch.
+    whole, whole_result = _split_run(mode, physical=0)
+    split, split_result = _split_run(mode, physical=3)
+    assert split_result.examples == whole_result.examples > 3 * split_result.steps  # batches did split
+    assert len(split) == len(whole) == split_result.steps == 2  # under DP, close() checked Opacus accounted 2
+    # The first step starts from the same weights: its gradient is the whole batch's, up to float rounding.
+    torch.testing.assert_close(split[0], whole[0], rtol=1e-4, atol=1e-7)
+    assert not torch.allclose(whole[0], whole[1], rtol=1e-2, atol=1e-5)  # the comparison can tell steps apart
+
+
+def test_a_negative_physical_batch_size_is_an_error():
+    with pytest.raises(ConfigError, match="max_physical_batch_size"):
+        from_dict({"train": {"max_physical_batch_size": -1}})
 
 
 def test_learning_rate_warms_up_and_decays_to_zero():

@@ -46,6 +46,10 @@ def test_pretraining_on_the_public_pool_gives_a_base_the_federation_can_start_fr
     assert not (run / "privacy.json").exists()  # public data: no DP, no certificate
     state, base = load_public_base(run, load(path, ["federation.init_from=" + str(run)]))
     assert base["weights_sha256"] == base_info["weights_sha256"] and state
+    # A base written before a model key existed recorded no value for it: the key's default, which matches.
+    del base_info["model"]["s4_levels"]
+    (run / "base.json").write_text(json.dumps(base_info))
+    assert load_public_base(run, cfg)[0]
     with pytest.raises(BundleError, match="another partition"):
         load_public_base(run, dataclasses.replace(cfg, partition=dataclasses.replace(cfg.partition, public_sites=(1,))))
     with pytest.raises(BundleError, match="model section differs"):

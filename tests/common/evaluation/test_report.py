@@ -159,6 +159,19 @@ def test_bundle_mode_samples_like_the_training_records_and_attacks_the_model(fol
 
 
 @pytest.mark.slow
+def test_bundle_mode_samples_with_the_evaluation_eta_and_the_bundle_steps(folders, tmp_path, one_torch_thread):
+    from common.config import from_dict
+    from common.evaluation.pipeline import prepare_bundle, resolve_settings
+
+    real, _ = folders
+    bundle = write_tiny_bundle(tmp_path / "bundle", real)
+    cfg = from_dict({"data": {"cache_dir": str(tmp_path / "cache")}, "evaluation": {"num_synthetic": 4, "sample_eta": 1.0}})
+    data = prepare_bundle(bundle, real, tmp_path / "out", cfg, resolve_settings(cfg.evaluation), progress=False)
+    sampled = data.generator.cfg.diffusion
+    assert (sampled.eta, sampled.sample_steps, sampled.sampler) == (1.0, 2, "ddim") and len(data.synthetic.ecg_ids) == 4
+
+
+@pytest.mark.slow
 def test_real_vs_real_mode_uses_unseen_real_records_as_the_synthetic_set(folders, tmp_path, one_torch_thread):
     real, _ = folders
     out = tmp_path / "rvr"
@@ -194,5 +207,7 @@ def test_quick_lowers_or_bounds_every_size_and_bad_settings_are_named():
     assert small.num_synthetic == 50 and small.sample_steps == 5  # quick never raises a size
     with pytest.raises(ValueError, match="evaluation.mia_records must be >= 1"):
         resolve_settings(EvaluationConfig(mia_records=0))
+    with pytest.raises(ValueError, match="evaluation.sample_eta must lie in"):
+        resolve_settings(EvaluationConfig(sample_eta=1.5))
     with pytest.raises(ValueError, match="evaluation.test_folds is empty"):
         resolve_settings(EvaluationConfig(test_folds=()))

@@ -63,6 +63,11 @@ def test_config_overrides_and_refusals() -> None:
         resolve_unet_spec(ModelConfig(size="unet", channels=12))
     with pytest.raises(ValueError, match="include 2"):
         UNetDenoiser(UNetSpec(s4_levels=(0,)))
+    wider = build_denoiser(from_dict({"model": {"size": "unet", "s4_levels": [1, 2]}}).model)
+    assert wider.spec.s4_levels == (1, 2) and wider.down[1].s4 is not None and wider.up[1].s4 is not None
+    assert build_denoiser(ModelConfig(size="unet")).down[1].s4 is None
+    with pytest.raises(ValueError, match="s4_levels applies to model.size=unet"):
+        build_denoiser(ModelConfig(size="small", s4_levels=(1,)))
     with pytest.raises(ValueError, match="divisible by 40"):
         _tiny()(*_inputs(length=100))
 
