@@ -59,6 +59,7 @@ class ModelConfig:
     state_dim: int | None = None
     bidirectional: bool | None = None
     s4_levels: tuple[int, ...] | None = None  # unet: levels (0 finest) with an S4 layer; must include the coarsest
+    attention_levels: tuple[int, ...] | None = None  # unet: levels with self-attention (rotary positions)
     cond_dropout: float = 0.1  # probability of dropping all conditioning (classifier-free guidance)
     activation_checkpointing: bool = False
 
@@ -75,6 +76,7 @@ class DiffusionConfig:
     guidance_scale: float = 1.0
     prediction: str = "eps"  # eps | v: what the denoiser outputs (v = sqrt(abar) eps - sqrt(1 - abar) x0)
     min_snr_gamma: float = 0.0  # > 0: weight each step's loss as min(SNR, gamma) on x0 (Hang et al. 2023)
+    zero_terminal_snr: bool = False  # rescale the schedule so the last step holds no signal (needs prediction v)
 
 
 @dataclass(frozen=True)

@@ -47,7 +47,7 @@ from common.diffusion_inputs import (
     override_rows,
     sample_channels,
 )
-from common.noise_schedule import beta_schedule, schedule_tables
+from common.noise_schedule import beta_schedule, rescale_zero_terminal_snr, schedule_tables
 
 __all__ = ["EpsModel", "GaussianDiffusion"]
 
@@ -93,6 +93,11 @@ class GaussianDiffusion:
             raise ValueError(f"diffusion.min_snr_gamma must be >= 0 (0 = unweighted), got {cfg.min_snr_gamma}")
         self.cfg = cfg
         betas = beta_schedule(cfg.schedule, cfg.timesteps, cfg.beta_start, cfg.beta_end)
+        if cfg.zero_terminal_snr:
+            if cfg.prediction != "v":
+                raise ValueError("diffusion.zero_terminal_snr needs diffusion.prediction: v (eps says nothing of x0 "
+                                 "where no signal is left)")
+            betas = rescale_zero_terminal_snr(betas)
         self.num_timesteps = int(betas.shape[0])
         self._tables = {name: torch.from_numpy(values) for name, values in schedule_tables(betas).items()}  # float64 [T]
         self._on_device: dict[tuple[str, torch.device], Tensor] = {}

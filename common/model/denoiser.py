@@ -83,6 +83,8 @@ def resolve_spec(cfg: ModelConfig) -> DenoiserSpec:
     spec = replace(spec, **overrides)
     if cfg.s4_levels is not None:
         raise ValueError(f"model.s4_levels applies to model.size=unet; every block of '{cfg.size}' has an S4 layer")
+    if cfg.attention_levels is not None:
+        raise ValueError(f"model.attention_levels applies to model.size=unet, not '{cfg.size}'")
     if spec.channels < 1:
         raise ValueError(f"model.channels must be positive, got {spec.channels}")
     if spec.blocks < 1:

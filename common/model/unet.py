@@ -6,7 +6,8 @@
 Each level runs `res_blocks` residual blocks on the way down and again on the way up, after the upsampled
 features and the down path's skip are added (SaShiMi's additive skips: every block keeps its width, so no
 1x1 shortcut convs). Levels in `s4_levels` add a bidirectional S4Block after their blocks on both paths; at
-the coarsest level, the bottleneck, it sits between the down and the up blocks. Downsampling is a strided
+the coarsest level, the bottleneck, it sits between the down and the up blocks. Levels in `attention_levels`
+add a self-attention block with rotary positions after that, in the same places. Downsampling is a strided
 Conv1d (kernel = stride = factor). Upsampling is a 1x1 Conv1d and nearest-neighbour repetition: the same
 function as Upsample-then-1x1-conv at 1/factor of the cost, and no ConvTranspose1d, for which Opacus has
 no per-sample gradients.
@@ -52,6 +53,8 @@ class UNetSpec:
     factors: tuple[int, ...] = (2, 5)  # downsampling between consecutive levels
     res_blocks: int = 1  # residual blocks per level and path
     s4_levels: tuple[int, ...] = (2,)  # levels with an S4Block; must include the coarsest
+    attention_levels: tuple[int, ...] = ()  # levels with a rotary self-attention block (after the S4Block)
+    head_dim: int = 32  # channels per attention head
     state_dim: int = 32  # S4D state size N
     bidirectional: bool = True
     step_embed_dim: int = 64  # sinusoidal embedding width
@@ -74,6 +77,12 @@ class UNetSpec:
             raise ValueError(f"unet: channels {self.channels} must be positive multiples of groups={self.groups}")
         if levels - 1 not in self.s4_levels or any(not 0 <= i < levels for i in self.s4_levels):
             raise ValueError(f"unet: s4_levels {self.s4_levels} must lie in 0..{levels - 1} and include {levels - 1}")
+        if any(not 0 <= i < levels for i in self.attention_levels):
+            raise ValueError(f"unet: attention_levels {self.attention_levels} must lie in 0..{levels - 1}")
+        if self.attention_levels and any(self.channels[i] % self.head_dim for i in self.attention_levels):
+            raise ValueError(f"unet: channels {self.channels} at attention_levels must be multiples of head_dim={self.head_dim}")
+        if self.head_dim % 2:
+            raise ValueError(f"unet: head_dim must be even (rotary pairs), got {self.head_dim}")
         if self.state_dim < 2 or self.state_dim % 2:
             raise ValueError(f"unet: state_dim must be an even number >= 2, got {self.state_dim}")
 
@@ -86,7 +95,7 @@ UNET_PRESET = UNetSpec()
 def resolve_unet_spec(cfg: ModelConfig) -> UNetSpec:
     """UNET_PRESET with the config's overrides: `channels` sets the finest width (coarser levels keep the
     preset's ratios), `blocks` the residual blocks per level, `s4_levels`, `state_dim` and `bidirectional`
-    the S4 layers."""
+    the S4 layers, `attention_levels` the self-attention blocks."""
     spec = UNET_PRESET
     if cfg.channels is not None:
         if cfg.channels < 1:
@@ -94,7 +103,7 @@ def resolve_unet_spec(cfg: ModelConfig) -> UNetSpec:
         base = spec.channels[0]
         spec = replace(spec, channels=tuple(round(cfg.channels * c / base) for c in spec.channels))
     overrides = {"res_blocks": cfg.blocks, "state_dim": cfg.state_dim, "bidirectional": cfg.bidirectional,
-                 "s4_levels": cfg.s4_levels}
+                 "s4_levels": cfg.s4_levels, "attention_levels": cfg.attention_levels}
     spec = replace(spec, **{k: v for k, v in overrides.items() if v is not None})
     if not 0.0 <= cfg.cond_dropout <= 1.0:
         raise ValueError(f"model.cond_dropout must lie in [0, 1], got {cfg.cond_dropout}")
@@ -121,19 +130,57 @@ class UNetResBlock(nn.Module):
         return x + self.conv_out(F.silu(h))  # (B C L)
 
 
-class UNetStage(nn.Module):
-    """Residual blocks at one resolution, then an optional S4Block; `film` is (B, film_width)."""
+def rotate(x: Tensor) -> Tensor:
+    """Rotary position embedding (RoPE, Su et al. 2021) of x (B heads L d): pair i of the channels turns by
+    position * 10000^(-2i/d), so the dot product of a query and a key depends on their offset, not on where
+    they sit. A fixed function: no parameters, nothing for Opacus to see."""
+    length, dim = x.shape[-2], x.shape[-1]
+    freqs = torch.pow(10000.0, -torch.arange(0, dim, 2, device=x.device, dtype=torch.float32) / dim)  # (d/2)
+    angles = torch.arange(length, device=x.device, dtype=torch.float32).unsqueeze(1) * freqs  # (L d/2)
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)  # (L d/2) each
+    even, odd = x[..., 0::2], x[..., 1::2]  # (B heads L d/2) each
+    return torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1).flatten(-2)  # (B heads L d)
 
-    def __init__(self, channels: int, spec: UNetSpec, with_s4: bool) -> None:
+
+class UNetAttention(nn.Module):
+    """Pre-norm multi-head self-attention with rotary positions, residual; input and output (B, C, L).
+
+    Beats recur at each record's own RR interval. Convolutions and the S4 kernel mix by fixed offsets; a
+    query with relative positions can find where the neighbouring beats sit and place its own between them.
+    Projections are 1x1 Conv1d (exact per-sample gradients); the attention itself holds no parameters."""
+
+    def __init__(self, channels: int, head_dim: int, groups: int) -> None:
+        super().__init__()
+        self.heads = channels // head_dim
+        self.norm = nn.GroupNorm(groups, channels)
+        self.qkv = nn.Conv1d(channels, 3 * channels, kernel_size=1)
+        self.proj = nn.Conv1d(channels, channels, kernel_size=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        batch, channels, length = x.shape
+        qkv = self.qkv(self.norm(x)).view(batch, 3, self.heads, channels // self.heads, length)  # (B 3 heads d L)
+        q, k, v = qkv.transpose(-1, -2).unbind(1)  # (B heads L d) each
+        h = F.scaled_dot_product_attention(rotate(q), rotate(k), v)  # (B heads L d)
+        return x + self.proj(h.transpose(-1, -2).reshape(batch, channels, length))  # (B C L)
+
+
+class UNetStage(nn.Module):
+    """Residual blocks at one resolution, then an optional S4Block and an optional attention block;
+    `film` is (B, film_width)."""
+
+    def __init__(self, channels: int, spec: UNetSpec, with_s4: bool, with_attention: bool = False) -> None:
         super().__init__()
         self.blocks = nn.ModuleList(UNetResBlock(channels, spec.groups) for _ in range(spec.res_blocks))
         self.s4 = S4Block(channels, state_dim=spec.state_dim, bidirectional=spec.bidirectional) if with_s4 else None
+        self.attention = UNetAttention(channels, spec.head_dim, spec.groups) if with_attention else None
         self.film_width = 2 * channels * spec.res_blocks
 
     def forward(self, h: Tensor, film: Tensor) -> Tensor:
         for block, block_film in zip(self.blocks, film.chunk(len(self.blocks), dim=1)):
             h = block(h, block_film)  # (B C L)
-        return h if self.s4 is None else self.s4(h)  # (B C L)
+        if self.s4 is not None:
+            h = self.s4(h)  # (B C L)
+        return h if self.attention is None else self.attention(h)  # (B C L)
 
 
 class UNetDenoiser(nn.Module):
@@ -157,7 +204,9 @@ class UNetDenoiser(nn.Module):
         self.null_cond = nn.Linear(1, width, bias=False)
 
         self.stem = nn.Conv1d(in_channels, ch[0], kernel_size=spec.patch, stride=spec.patch)
-        self.down = nn.ModuleList(UNetStage(c, spec, i in spec.s4_levels) for i, c in enumerate(ch))
+        self.down = nn.ModuleList(
+            UNetStage(c, spec, i in spec.s4_levels, i in spec.attention_levels) for i, c in enumerate(ch)
+        )
         self.downsample = nn.ModuleList(
             nn.Conv1d(ch[i], ch[i + 1], kernel_size=f, stride=f) for i, f in enumerate(spec.factors)
         )
@@ -168,7 +217,7 @@ class UNetDenoiser(nn.Module):
         # up[0] is the bottleneck's second half (its S4Block ran in down[-1]); up[j] then climbs to level L-1-j.
         self.up = nn.ModuleList(
             [UNetStage(ch[-1], spec, with_s4=False)]
-            + [UNetStage(ch[i], spec, i in spec.s4_levels) for i in reversed(range(len(ch) - 1))]
+            + [UNetStage(ch[i], spec, i in spec.s4_levels, i in spec.attention_levels) for i in reversed(range(len(ch) - 1))]
         )
         self.film_widths = [stage.film_width for stage in (*self.down, *self.up)]
         self.film = nn.Linear(width, sum(self.film_widths))

@@ -337,3 +337,30 @@ def test_v_loss_targets_v_and_min_snr_weights_it_as_capped_snr_on_x0() -> None:
         GaussianDiffusion(DiffusionConfig(prediction="x0"))
     with pytest.raises(ValueError, match="min_snr_gamma"):
         GaussianDiffusion(DiffusionConfig(min_snr_gamma=-1.0))
+
+
+def test_zero_terminal_snr_leaves_no_signal_at_the_last_step_and_samples_from_pure_noise() -> None:
+    plain = GaussianDiffusion(DiffusionConfig(beta_end=0.06, prediction="v"))
+    rescaled = GaussianDiffusion(DiffusionConfig(beta_end=0.06, prediction="v", zero_terminal_snr=True))
+    abar, abar_plain = rescaled.table("alphas_cumprod").numpy(), plain.table("alphas_cumprod").numpy()
+    assert abar[-1] == 0.0 and abar_plain[-1] > 1e-3  # 0.002 before: a QRS of 7 scales still stands at 0.3
+    assert abar[0] == pytest.approx(abar_plain[0]) and np.all(np.diff(abar) < 0)
+    betas = rescaled.table("betas").numpy()
+    assert np.all((betas > 0) & (betas <= 1.0)) and betas[-1] == 1.0
+    # x_T is the noise alone, whatever x0 was, and v-prediction recovers x0 there from a perfect output.
+    x0, noise = 15 * torch.randn(2, 8, 40, dtype=torch.float64), torch.randn(2, 8, 40, dtype=torch.float64)
+    last = torch.full((2,), rescaled.num_timesteps - 1)
+    torch.testing.assert_close(rescaled.q_sample(x0, last, noise), noise)
+    x0_hat, eps_hat = rescaled.split_output(noise, last, rescaled.target(x0, last, noise))
+    torch.testing.assert_close(x0_hat, x0)
+    torch.testing.assert_close(eps_hat, noise)
+    model = _tiny()
+    labels, demographics = _conditioning(2)
+    losses = rescaled.training_losses(model, x0.float(), labels, demographics, t=last, noise=noise.float())
+    assert torch.isfinite(losses["loss"]).all()
+    for sampler in ("ddim", "ddpm"):
+        samples = rescaled.sample(model, labels, demographics, sampler=sampler, steps=None if sampler == "ddpm" else 10,
+                                  eta=1.0, generator=torch.Generator().manual_seed(0), length=40)
+        assert torch.isfinite(samples).all()
+    with pytest.raises(ValueError, match="zero_terminal_snr needs diffusion.prediction: v"):
+        GaussianDiffusion(DiffusionConfig(zero_terminal_snr=True))

@@ -15,12 +15,13 @@ from common.diffusion import GaussianDiffusion
 from common.losses import MelSpectrogramLoss
 from common.model.denoiser import build_denoiser, count_parameters
 from common.model.s4 import S4DKernelConv
-from common.model.unet import UNET_PRESET, UNetDenoiser, UNetSpec, resolve_unet_spec
+from common.model.unet import UNET_PRESET, UNetDenoiser, UNetSpec, resolve_unet_spec, rotate
 from common.privacy.samplers import modules_on_functorch_fallback
 
 LENGTH = 200  # divisible by the stride 4 * 2 * 5 = 40; levels 50 / 25 / 5
 TINY = UNetSpec(
-    channels=(8, 16, 16), s4_levels=(1, 2), state_dim=4, step_embed_dim=8, embed_dim=16, groups=4
+    channels=(8, 16, 16), s4_levels=(1, 2), attention_levels=(1, 2), head_dim=8, state_dim=4, step_embed_dim=8,
+    embed_dim=16, groups=4,
 )
 
 
@@ -70,6 +71,33 @@ def test_config_overrides_and_refusals() -> None:
         build_denoiser(ModelConfig(size="small", s4_levels=(1,)))
     with pytest.raises(ValueError, match="divisible by 40"):
         _tiny()(*_inputs(length=100))
+
+
+def test_attention_levels_config_and_refusals() -> None:
+    model = build_denoiser(from_dict({"model": {"size": "unet", "attention_levels": [1, 2]}}).model)
+    assert model.down[1].attention is not None and model.up[1].attention is not None
+    assert model.down[2].attention is not None and model.up[0].attention is None  # the bottleneck attends once
+    assert model.down[0].attention is None and model.down[1].attention.heads == 128 // 32
+    assert build_denoiser(ModelConfig(size="unet")).down[2].attention is None  # off unless configured
+    with pytest.raises(ValueError, match="attention_levels"):
+        UNetDenoiser(UNetSpec(attention_levels=(3,)))
+    with pytest.raises(ValueError, match="head_dim"):
+        UNetDenoiser(UNetSpec(attention_levels=(1,), head_dim=48))
+    with pytest.raises(ValueError, match="attention_levels applies to model.size=unet"):
+        build_denoiser(ModelConfig(size="small", attention_levels=(1,)))
+
+
+def test_rotary_scores_depend_on_the_offset_only() -> None:
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 1, 1, 16, generator=g), torch.randn(1, 1, 1, 16, generator=g)  # one query, one key
+    length = 40
+    rq, rk = rotate(q.expand(1, 1, length, 16)), rotate(k.expand(1, 1, length, 16))  # (1 1 L d): the same vectors at every position
+    scores = rq[0, 0] @ rk[0, 0].T  # (L L): query at i, key at j
+    for offset in (0, 3, 17):
+        diagonal = torch.diagonal(scores, offset)
+        assert torch.allclose(diagonal, diagonal[0].expand_as(diagonal), atol=1e-5)
+    assert not torch.allclose(scores[0, 0], scores[0, 5])  # and the offset does change the score
+    assert torch.allclose(rq.norm(dim=-1), q.norm(dim=-1).expand(1, 1, length))  # a rotation keeps norms
 
 
 def test_unpatchify_puts_channel_lead_times_p_plus_offset_at_that_offset() -> None:
