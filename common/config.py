@@ -74,9 +74,10 @@ class DiffusionConfig:
     sample_steps: int = 50
     eta: float = 0.0
     guidance_scale: float = 1.0
-    prediction: str = "eps"  # eps | v: what the denoiser outputs (v = sqrt(abar) eps - sqrt(1 - abar) x0)
+    prediction: str = "eps"  # eps | v | blend: what the denoiser outputs (v = sqrt(abar) eps - sqrt(1 - abar) x0;
+    # blend: eps at low noise, v at high noise; common/diffusion.py)
     min_snr_gamma: float = 0.0  # > 0: weight each step's loss as min(SNR, gamma) on x0 (Hang et al. 2023)
-    zero_terminal_snr: bool = False  # rescale the schedule so the last step holds no signal (needs prediction v)
+    zero_terminal_snr: bool = False  # rescale the schedule so the last step holds no signal (needs prediction v or blend)
 
 
 @dataclass(frozen=True)
@@ -148,6 +149,7 @@ class EvaluationConfig:
     mia_noise_draws: int = 4  # noise draws per timestep (the gap hides in the noise's own variance at one draw)
     sample_steps: int | None = None  # sampler steps for the synthetic set (None: the bundle's diffusion.sample_steps)
     sample_eta: float | None = None  # DDIM stochasticity for the synthetic set (None: the bundle's diffusion.eta)
+    sample_guidance: float | None = None  # classifier-free guidance scale for the synthetic set (None: the bundle's)
     max_clinical_records: int = 2000  # real records delineated for the clinical comparison
     site_records: int = 64  # federated runs: records per site for the site-side memorization check (0: skip)
 
@@ -192,7 +194,7 @@ _CHOICES = {
     ("model", "size"): {"tiny", "small", "sssd", "unet"},
     ("diffusion", "schedule"): {"linear", "cosine"},
     ("diffusion", "sampler"): {"ddim", "ddpm"},
-    ("diffusion", "prediction"): {"eps", "v"},
+    ("diffusion", "prediction"): {"eps", "v", "blend"},
     ("midt", "target"): {"posterior_mean", "x0"},
     ("train", "device"): {"auto", "cpu", "cuda"},
     ("train", "lr_decay"): {"none", "cosine"},

@@ -7,7 +7,10 @@ can wrap the denoiser alone. The model is any callable
 
 whose output is eps (diffusion.prediction = "eps") or v = sqrt(abar) eps - sqrt(1 - abar) x0 ("v",
 Salimans & Ho 2022). v keeps x0_hat bounded at every t, which eps does not where abar is near 0 (the cosine
-schedule's last steps): x0_hat error = sqrt(1/abar - 1) * eps error. With min_snr_gamma > 0 each example's
+schedule's last steps): x0_hat error = sqrt(1/abar - 1) * eps error. "blend" outputs alpha eps - beta x0
+with lambda = 1 - abar, alpha = 1 - lambda + lambda sqrt(abar), beta = lambda sqrt(1 - abar): eps where the
+noise is small (where eps-trained models denoise best), v where it is large (bounded x0, and defined at a
+zero-SNR last step). With min_snr_gamma > 0 each example's
 denoising loss is weighted so that it equals min(SNR_t, gamma) * |x0_hat - x0|^2 (Hang et al. 2023), which
 stops the many easy high-SNR steps from dominating the gradient.
 
@@ -47,12 +50,12 @@ from common.diffusion_inputs import (
     override_rows,
     sample_channels,
 )
-from common.noise_schedule import beta_schedule, rescale_zero_terminal_snr, schedule_tables
+from common.noise_schedule import beta_schedule, blend_tables, rescale_zero_terminal_snr, schedule_tables
 
 __all__ = ["EpsModel", "GaussianDiffusion"]
 
 SAMPLERS = ("ddim", "ddpm")
-PREDICTIONS = ("eps", "v")
+PREDICTIONS = ("eps", "v", "blend")
 
 
 class EpsModel(Protocol):
@@ -94,12 +97,13 @@ class GaussianDiffusion:
         self.cfg = cfg
         betas = beta_schedule(cfg.schedule, cfg.timesteps, cfg.beta_start, cfg.beta_end)
         if cfg.zero_terminal_snr:
-            if cfg.prediction != "v":
-                raise ValueError("diffusion.zero_terminal_snr needs diffusion.prediction: v (eps says nothing of x0 "
-                                 "where no signal is left)")
+            if cfg.prediction == "eps":
+                raise ValueError("diffusion.zero_terminal_snr needs diffusion.prediction: v or blend (eps says nothing "
+                                 "of x0 where no signal is left)")
             betas = rescale_zero_terminal_snr(betas)
         self.num_timesteps = int(betas.shape[0])
         self._tables = {name: torch.from_numpy(values) for name, values in schedule_tables(betas).items()}  # float64 [T]
+        self._tables.update({name: torch.from_numpy(values) for name, values in blend_tables(betas).items()})
         self._on_device: dict[tuple[str, torch.device], Tensor] = {}
 
     # -- schedule lookups --------------------------------------------------------------------------------
@@ -142,17 +146,24 @@ class GaussianDiffusion:
         return scale * x_t - self._extract("sqrt_recipm1_alphas_cumprod", t, x_t) * eps
 
     def target(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
-        """What the denoiser is trained to output: noise itself, or v."""
+        """What the denoiser is trained to output: noise itself, v, or the blend's alpha eps - beta x0."""
         if self.cfg.prediction == "v":
             return self._extract("sqrt_alphas_cumprod", t, x0) * noise - self._extract("sqrt_one_minus_alphas_cumprod", t, x0) * x0
+        if self.cfg.prediction == "blend":
+            return self._extract("blend_alpha", t, x0) * noise - self._extract("blend_beta", t, x0) * x0
         return noise
 
     def split_output(self, x_t: Tensor, t: Tensor, output: Tensor) -> tuple[Tensor, Tensor]:
         """(x0_hat, eps_hat) from the denoiser's output at x_t."""
+        signal = self._extract("sqrt_alphas_cumprod", t, x_t)
+        noise_level = self._extract("sqrt_one_minus_alphas_cumprod", t, x_t)
         if self.cfg.prediction == "v":
-            signal = self._extract("sqrt_alphas_cumprod", t, x_t)
-            noise_level = self._extract("sqrt_one_minus_alphas_cumprod", t, x_t)
             return signal * x_t - noise_level * output, noise_level * x_t + signal * output
+        if self.cfg.prediction == "blend":
+            # Invert [x_t; o] = [[a, s], [-beta, alpha]] [x0; eps], determinant a alpha + s beta > 0.
+            alpha, beta = self._extract("blend_alpha", t, x_t), self._extract("blend_beta", t, x_t)
+            det = self._extract("blend_det", t, x_t)
+            return (alpha * x_t - noise_level * output) / det, (beta * x_t + signal * output) / det
         return self.predict_x0(x_t, t, output), output
 
     def loss_weight(self, t: Tensor) -> Tensor:
@@ -162,7 +173,10 @@ class GaussianDiffusion:
             return torch.ones(t.shape, dtype=torch.float32, device=t.device)
         abar = self._tables["alphas_cumprod"].to(t.device)[t]
         snr = (abar / (1.0 - abar)).to(torch.float32)
-        # |x0 error|^2 = |eps error|^2 / SNR = |v error|^2 / (SNR + 1)
+        # |x0 error|^2 = |eps error|^2 / SNR = |v error|^2 / (SNR + 1) = |blend error|^2 (1 - abar) / det^2
+        if self.cfg.prediction == "blend":
+            det = self._tables["blend_det"].to(t.device)[t]
+            return (torch.clamp(snr, max=gamma) * ((1.0 - abar) / det**2).to(torch.float32))
         return torch.clamp(snr, max=gamma) / (snr + 1.0 if self.cfg.prediction == "v" else snr)
 
     def posterior_mean(self, x0: Tensor, x_t: Tensor, t: Tensor) -> Tensor:

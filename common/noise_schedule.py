@@ -68,3 +68,14 @@ def schedule_tables(betas: np.ndarray) -> dict[str, np.ndarray]:
         "posterior_mean_coef1": betas * np.sqrt(alphas_cumprod_prev) / (1.0 - alphas_cumprod),
         "posterior_mean_coef2": (1.0 - alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - alphas_cumprod),
     }
+
+
+def blend_tables(betas: np.ndarray) -> dict[str, np.ndarray]:
+    """Coefficients of the "blend" output alpha eps - beta x0 (float64 [T]): lambda = 1 - abar moves it from
+    eps (lambda 0, no noise) to v (lambda 1, no signal); det = sqrt(abar) alpha + sqrt(1 - abar) beta > 0
+    is what recovers x0 and eps from it."""
+    abar = np.cumprod(1.0 - betas)
+    signal, noise = np.sqrt(abar), np.sqrt(1.0 - abar)
+    weight = 1.0 - abar
+    alpha, beta = 1.0 - weight + weight * signal, weight * noise
+    return {"blend_alpha": alpha, "blend_beta": beta, "blend_det": signal * alpha + noise * beta}

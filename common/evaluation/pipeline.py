@@ -67,6 +67,7 @@ class Settings:
     mia_noise_draws: int
     sample_steps: int | None
     sample_eta: float | None
+    sample_guidance: float | None
     max_clinical_records: int
     seed: int
     quick: bool
@@ -92,6 +93,8 @@ def resolve_settings(ev: EvaluationConfig, quick: bool | None = None) -> Setting
         raise ValueError(f"evaluation.sample_steps must be >= 1 (or null for the bundle's own), got {ev.sample_steps}")
     if ev.sample_eta is not None and not 0.0 <= ev.sample_eta <= 1.0:
         raise ValueError(f"evaluation.sample_eta must lie in [0, 1] (or null for the bundle's own), got {ev.sample_eta}")
+    if ev.sample_guidance is not None and ev.sample_guidance < 0:
+        raise ValueError(f"evaluation.sample_guidance must be >= 0 (or null for the bundle's own), got {ev.sample_guidance}")
     if ev.max_classifier_records is not None and ev.max_classifier_records < 2:
         raise ValueError(f"evaluation.max_classifier_records must be >= 2 (or null for all), got {ev.max_classifier_records}")
     if ev.classifier_min_steps < 0:
@@ -109,6 +112,7 @@ def resolve_settings(ev: EvaluationConfig, quick: bool | None = None) -> Setting
         "mia_noise_draws": ev.mia_noise_draws,
         "sample_steps": ev.sample_steps,
         "sample_eta": ev.sample_eta,
+        "sample_guidance": ev.sample_guidance,
         "max_clinical_records": ev.max_clinical_records,
     }
     if quick:
@@ -201,8 +205,10 @@ def prepare_bundle(
         sampler = own.sampler if steps == own.timesteps else "ddim"
         diffusion = dataclasses.replace(own, sample_steps=steps, sampler=sampler)
         gen = dataclasses.replace(gen, cfg=dataclasses.replace(gen.cfg, diffusion=diffusion))
-    if settings.sample_eta is not None:  # sampling is not training: any eta samples the same weights
-        diffusion = dataclasses.replace(gen.cfg.diffusion, eta=settings.sample_eta)
+    sampling = {"eta": settings.sample_eta, "guidance_scale": settings.sample_guidance}
+    sampling = {key: value for key, value in sampling.items() if value is not None}
+    if sampling:  # sampling is not training: any eta or guidance samples the same weights
+        diffusion = dataclasses.replace(gen.cfg.diffusion, **sampling)
         gen = dataclasses.replace(gen, cfg=dataclasses.replace(gen.cfg, diffusion=diffusion))
     train, test = split_folds(_load_real(real_root, cfg, progress), settings.test_folds)
     n = min(settings.num_synthetic, len(train))
@@ -211,8 +217,8 @@ def prepare_bundle(
     synthetic_root = out_dir / "synthetic"
     if synthetic_root.exists() and any(synthetic_root.iterdir()):
         raise FileExistsError(f"{synthetic_root}: exists and is not empty; choose a new --out folder")
-    logger.info("sampling %d synthetic records (%s, %s steps, eta %s)", n, gen.cfg.diffusion.sampler,
-                gen.cfg.diffusion.sample_steps, gen.cfg.diffusion.eta)
+    logger.info("sampling %d synthetic records (%s, %s steps, eta %s, guidance %s)", n, gen.cfg.diffusion.sampler,
+                gen.cfg.diffusion.sample_steps, gen.cfg.diffusion.eta, gen.cfg.diffusion.guidance_scale)
     sample_like(gen, train.meta.loc[chosen], SCP_CODES, synthetic_root, seed=settings.seed, progress=progress,
                 scp_statements=real_root / "scp_statements.csv")
     synthetic = load_dataset(_data_config(cfg, synthetic_root), progress=progress)

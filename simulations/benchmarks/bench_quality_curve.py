@@ -75,11 +75,16 @@ def _held_out(cfg, records: int):
 def score(checkpoint: Path, real, floor, seed: int = 0) -> dict[str, float]:
     """The snapshot's samples, conditioned like `real`, against `real` (and `floor` for the ILCE floor)."""
     from common.bundle import load_generator
+
+    return score_generator(load_generator(checkpoint), real, floor, seed)
+
+
+def score_generator(gen, real, floor, seed: int = 0) -> dict[str, float]:
+    """A generator's samples, conditioned like `real`, against `real` (and `floor` for the ILCE floor)."""
     from common.evaluation.clinical import FEATURES, features_table
     from common.evaluation.fidelity import interlead_correlation_error
     from common.generate import generate
 
-    gen = load_generator(checkpoint)
     start = time.perf_counter()
     synthetic = generate(gen, real.labels, real.demographics, real.demographics_mask, seed=seed, progress=False)
     sampling = time.perf_counter() - start

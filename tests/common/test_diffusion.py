@@ -362,5 +362,30 @@ def test_zero_terminal_snr_leaves_no_signal_at_the_last_step_and_samples_from_pu
         samples = rescaled.sample(model, labels, demographics, sampler=sampler, steps=None if sampler == "ddpm" else 10,
                                   eta=1.0, generator=torch.Generator().manual_seed(0), length=40)
         assert torch.isfinite(samples).all()
-    with pytest.raises(ValueError, match="zero_terminal_snr needs diffusion.prediction: v"):
+    with pytest.raises(ValueError, match="zero_terminal_snr needs diffusion.prediction: v or blend"):
         GaussianDiffusion(DiffusionConfig(zero_terminal_snr=True))
+
+
+@pytest.mark.parametrize("zero_terminal_snr", [False, True])
+def test_blend_is_eps_at_low_noise_v_at_high_noise_and_inverts_exactly(zero_terminal_snr: bool) -> None:
+    cfg = DiffusionConfig(beta_end=0.06, prediction="blend", zero_terminal_snr=zero_terminal_snr)
+    diffusion = GaussianDiffusion(cfg)
+    v_diffusion = GaussianDiffusion(DiffusionConfig(beta_end=0.06, prediction="v", zero_terminal_snr=zero_terminal_snr))
+    x0, noise = 7 * torch.randn(5, 8, 40, dtype=torch.float64), torch.randn(5, 8, 40, dtype=torch.float64)
+    t = torch.tensor([0, 20, 100, 180, 199])
+    target = diffusion.target(x0, t, noise)
+    torch.testing.assert_close(target[0], noise[0], atol=2e-3, rtol=0)  # abar ~ 1: the target is eps
+    if zero_terminal_snr:  # abar = 0: the target is v = -x0
+        torch.testing.assert_close(target[4], v_diffusion.target(x0, t, noise)[4])
+    x_t = diffusion.q_sample(x0, t, noise)
+    x0_hat, eps_hat = diffusion.split_output(x_t, t, target)
+    torch.testing.assert_close(x0_hat, x0)
+    torch.testing.assert_close(eps_hat, noise)
+    # min-SNR weighting in the output's units: the weighted output error equals min(SNR, gamma) |x0 error|^2.
+    weighted = GaussianDiffusion(DiffusionConfig(beta_end=0.06, prediction="blend", min_snr_gamma=5.0))
+    x_t = weighted.q_sample(x0, t, noise)
+    error = 0.01 * torch.randn_like(x0)
+    x0_error = (weighted.split_output(x_t, t, weighted.target(x0, t, noise) + error)[0] - x0).pow(2).mean(dim=(1, 2))
+    abar = weighted.table("alphas_cumprod")[t]
+    expected = (abar / (1 - abar)).clamp(max=5.0) * x0_error
+    torch.testing.assert_close(error.pow(2).mean(dim=(1, 2)) * weighted.loss_weight(t).double(), expected, rtol=1e-4, atol=0)

@@ -165,10 +165,12 @@ def test_bundle_mode_samples_with_the_evaluation_eta_and_the_bundle_steps(folder
 
     real, _ = folders
     bundle = write_tiny_bundle(tmp_path / "bundle", real)
-    cfg = from_dict({"data": {"cache_dir": str(tmp_path / "cache")}, "evaluation": {"num_synthetic": 4, "sample_eta": 1.0}})
+    cfg = from_dict({"data": {"cache_dir": str(tmp_path / "cache")},
+                     "evaluation": {"num_synthetic": 4, "sample_eta": 1.0, "sample_guidance": 2.0}})
     data = prepare_bundle(bundle, real, tmp_path / "out", cfg, resolve_settings(cfg.evaluation), progress=False)
     sampled = data.generator.cfg.diffusion
     assert (sampled.eta, sampled.sample_steps, sampled.sampler) == (1.0, 2, "ddim") and len(data.synthetic.ecg_ids) == 4
+    assert sampled.guidance_scale == 2.0
 
 
 @pytest.mark.slow
@@ -209,5 +211,7 @@ def test_quick_lowers_or_bounds_every_size_and_bad_settings_are_named():
         resolve_settings(EvaluationConfig(mia_records=0))
     with pytest.raises(ValueError, match="evaluation.sample_eta must lie in"):
         resolve_settings(EvaluationConfig(sample_eta=1.5))
+    with pytest.raises(ValueError, match="evaluation.sample_guidance must be >= 0"):
+        resolve_settings(EvaluationConfig(sample_guidance=-1.0))
     with pytest.raises(ValueError, match="evaluation.test_folds is empty"):
         resolve_settings(EvaluationConfig(test_folds=()))
