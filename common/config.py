@@ -78,6 +78,8 @@ class DiffusionConfig:
     # blend: eps at low noise, v at high noise; common/diffusion.py)
     min_snr_gamma: float = 0.0  # > 0: weight each step's loss as min(SNR, gamma) on x0 (Hang et al. 2023)
     zero_terminal_snr: bool = False  # rescale the schedule so the last step holds no signal (needs prediction v or blend)
+    # [first, last) timesteps drawn in training (None: all T): an expert for one noise range (eDiff-I)
+    train_timesteps: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)

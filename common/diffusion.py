@@ -102,9 +102,18 @@ class GaussianDiffusion:
                                  "of x0 where no signal is left)")
             betas = rescale_zero_terminal_snr(betas)
         self.num_timesteps = int(betas.shape[0])
+        self.train_range = self._train_range(cfg.train_timesteps)
         self._tables = {name: torch.from_numpy(values) for name, values in schedule_tables(betas).items()}  # float64 [T]
         self._tables.update({name: torch.from_numpy(values) for name, values in blend_tables(betas).items()})
         self._on_device: dict[tuple[str, torch.device], Tensor] = {}
+
+    def _train_range(self, steps: tuple[int, ...] | None) -> tuple[int, int]:
+        if steps is None:
+            return 0, self.num_timesteps
+        if len(steps) != 2 or not 0 <= steps[0] < steps[1] <= self.num_timesteps:
+            raise ValueError(f"diffusion.train_timesteps must be [first, last) with 0 <= first < last <= "
+                             f"{self.num_timesteps}, got {list(steps)}")
+        return int(steps[0]), int(steps[1])
 
     # -- schedule lookups --------------------------------------------------------------------------------
 
@@ -211,7 +220,8 @@ class GaussianDiffusion:
         "eps" is the (weighted) denoising MSE of the model's output against its target (eps or v).
 
         t ([B, K] or [B] when K = 1), noise ([B, K, C, L] or [B, C, L]) and cond_keep (same layout as t)
-        override the random draws, for tests and exact replays. Timesteps are uniform on [0, T).
+        override the random draws, for tests and exact replays. Timesteps are uniform on [0, T), or on
+        diffusion.train_timesteps.
         """
         check_training_inputs(x0, labels, demographics, mel_loss, mel_weight, mel_target, cond_dropout, noise_multiplicity)
         batch, k = x0.shape[0], noise_multiplicity
@@ -243,7 +253,8 @@ class GaussianDiffusion:
         """Timesteps, noise and condition-keep flags for every row not given by the caller (in this order)."""
         rows, device = x0.shape[0], x0.device
         if t is None:
-            t = _draw("randint", (rows,), generator, device, high=self.num_timesteps)
+            first, last = self.train_range
+            t = first + _draw("randint", (rows,), generator, device, high=last - first)
         if noise is None:
             noise = _draw("randn", tuple(x0.shape), generator, device, dtype=x0.dtype)
         if cond_keep is None and cond_dropout > 0:

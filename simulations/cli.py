@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -70,6 +71,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if not source:
         raise ConfigError("sample needs --bundle BUNDLE or --checkpoint PATH")
     gen = load_generator(source)
+    if args.guidance is not None:  # sampling is not training: the same weights under another guidance scale
+        if args.guidance < 0:
+            raise ConfigError(f"--guidance must be >= 0, got {args.guidance}")
+        diffusion = dataclasses.replace(gen.cfg.diffusion, guidance_scale=args.guidance)
+        gen = dataclasses.replace(gen, cfg=dataclasses.replace(gen.cfg, diffusion=diffusion))
     out = Path(args.out)
     if args.like:
         meta = read_metadata_table(Path(args.like))
@@ -182,6 +188,7 @@ def _add_sample_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--weight", type=float, help="kg")
     p.add_argument("--like", metavar="METADATA.csv", help="one record per row of a PTB-XL-format table")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the bundle's)")
     p.add_argument("--out", required=True)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_sample)

@@ -389,3 +389,15 @@ def test_blend_is_eps_at_low_noise_v_at_high_noise_and_inverts_exactly(zero_term
     abar = weighted.table("alphas_cumprod")[t]
     expected = (abar / (1 - abar)).clamp(max=5.0) * x0_error
     torch.testing.assert_close(error.pow(2).mean(dim=(1, 2)) * weighted.loss_weight(t).double(), expected, rtol=1e-4, atol=0)
+
+
+def test_train_timesteps_restrict_the_training_draws_to_one_noise_range() -> None:
+    diffusion = GaussianDiffusion(DiffusionConfig(beta_end=0.06, prediction="v", train_timesteps=(100, 200)))
+    x0 = torch.randn(256, 8, 8)
+    t, _, _ = diffusion._draw_missing(x0, None, None, None, 0.0, torch.Generator().manual_seed(0))
+    assert int(t.min()) >= 100 and int(t.max()) <= 199 and len(set(t.tolist())) > 50
+    full, _, _ = GaussianDiffusion(DiffusionConfig())._draw_missing(x0, None, None, None, 0.0, torch.Generator().manual_seed(0))
+    assert int(full.min()) < 100
+    for bad in ((100,), (150, 100), (0, 201)):
+        with pytest.raises(ValueError, match="train_timesteps"):
+            GaussianDiffusion(DiffusionConfig(train_timesteps=bad))

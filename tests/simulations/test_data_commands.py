@@ -120,3 +120,24 @@ def test_verify_the_real_data(shared_ptbxl, capsys):
     assert run(["data", "verify", str(shared_ptbxl), "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "records       6000" in out and "12000 files listed in SHA256SUMS.txt, 0 problem(s)" in out
+
+
+def test_sample_takes_a_guidance_scale_and_refuses_a_negative_one(tiny_ptbxl, tmp_path, monkeypatch):
+    import common.generate
+    from simulations.cli import main
+    from tests.common.evaluation.test_report import write_tiny_bundle
+
+    bundle = write_tiny_bundle(tmp_path / "bundle", tiny_ptbxl.root)
+    seen = []
+    real_generate = common.generate.generate
+
+    def recording(gen, *args, **kwargs):
+        seen.append(gen.cfg.diffusion.guidance_scale)
+        return real_generate(gen, *args, **kwargs)
+
+    monkeypatch.setattr(common.generate, "generate", recording)
+    request = ["sample", "--bundle", str(bundle), "--n", "1", "--labels", "NORM", "--quiet"]
+    assert main([*request, "--out", str(tmp_path / "own")]) == 0
+    assert main([*request, "--guidance", "2.5", "--out", str(tmp_path / "guided")]) == 0
+    assert seen == [1.0, 2.5]  # the bundle's own scale, then the requested one
+    assert main([*request, "--guidance", "-1", "--out", str(tmp_path / "bad")]) != 0
