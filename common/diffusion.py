@@ -217,7 +217,7 @@ class GaussianDiffusion:
     ) -> dict[str, Tensor]:
         """Per-example losses {loss, eps, mel}, each [B]; loss = eps + mel_weight * mel.
 
-        "eps" is the (weighted) denoising MSE of the model's output against its target (eps or v).
+        "eps" is the (weighted) denoising MSE of the model's output against its target (eps, v or blend).
 
         t ([B, K] or [B] when K = 1), noise ([B, K, C, L] or [B, C, L]) and cond_keep (same layout as t)
         override the random draws, for tests and exact replays. Timesteps are uniform on [0, T), or on
