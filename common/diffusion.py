@@ -104,7 +104,8 @@ class GaussianDiffusion:
         self.num_timesteps = int(betas.shape[0])
         self.train_range = self._train_range(cfg.train_timesteps)
         self._tables = {name: torch.from_numpy(values) for name, values in schedule_tables(betas).items()}  # float64 [T]
-        self._tables.update({name: torch.from_numpy(values) for name, values in blend_tables(betas).items()})
+        blend = blend_tables(self._tables["alphas_cumprod"].numpy())
+        self._tables.update({name: torch.from_numpy(values) for name, values in blend.items()})
         self._on_device: dict[tuple[str, torch.device], Tensor] = {}
 
     def _train_range(self, steps: tuple[int, ...] | None) -> tuple[int, int]:

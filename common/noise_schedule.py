@@ -70,11 +70,10 @@ def schedule_tables(betas: np.ndarray) -> dict[str, np.ndarray]:
     }
 
 
-def blend_tables(betas: np.ndarray) -> dict[str, np.ndarray]:
-    """Coefficients of the "blend" output alpha eps - beta x0 (float64 [T]): lambda = 1 - abar moves it from
-    eps (lambda 0, no noise) to v (lambda 1, no signal); det = sqrt(abar) alpha + sqrt(1 - abar) beta > 0
-    is what recovers x0 and eps from it."""
-    abar = np.cumprod(1.0 - betas)
+def blend_tables(abar: np.ndarray) -> dict[str, np.ndarray]:
+    """Coefficients of the "blend" output alpha eps - beta x0 (float64 [T]) from abar: lambda = 1 - abar moves
+    it from eps (lambda 0, no noise) to v (lambda 1, no signal); det = sqrt(abar) alpha + sqrt(1 - abar) beta
+    > 0 is what recovers x0 and eps from it."""
     signal, noise = np.sqrt(abar), np.sqrt(1.0 - abar)
     weight = 1.0 - abar
     alpha, beta = 1.0 - weight + weight * signal, weight * noise

@@ -3,8 +3,8 @@
     python -m simulations.benchmarks.bench_denoise_by_t CHECKPOINT [CHECKPOINT ...] --data ../shared/ptb-xl
 
 For each checkpoint (a run, checkpoint or bundle directory) the same --records records of the validation
-folds are noised at each --timesteps step with the same noise, and the model's implied eps and x0 are
-compared with the truth (mean squared error in public lead scales). Checkpoints with another
+folds (the ones bench_quality_curve conditions on) are noised at each --timesteps step with the same noise,
+and the model's implied eps and x0 are compared with the truth (mean squared error in public lead scales). Checkpoints with another
 `diffusion.prediction` are compared on equal terms, because both errors are computed from the output each
 parameterisation implies. High eps error at small t leaves visible noise in the samples; high x0 error at
 large t leaves the sample's layout (where the beats go) to chance.
@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-
-import numpy as np
 
 
 def denoising_errors(gen, data, timesteps: list[int], seed: int = 0) -> list[tuple[int, float, float]]:
@@ -39,10 +37,9 @@ def denoising_errors(gen, data, timesteps: list[int], seed: int = 0) -> list[tup
 def main(argv: list[str] | None = None) -> int:
     from common.bundle import load_generator
     from common.config import load
-    from common.data.dataset import load_dataset
-    from common.data.metadata import load_metadata
     from common.normalization import federated_normalizer
     from common.train import TrainingData
+    from simulations.benchmarks.bench_quality_curve import _held_out
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoints", nargs="+", type=Path)
@@ -52,12 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timesteps", type=int, nargs="+", default=[0, 5, 20, 50, 100, 150, 190, 199])
     args = parser.parse_args(argv)
     cfg = load(args.config, [f"data.root={args.data}"])
-    meta = load_metadata(cfg.data)
-    ids = meta.index[meta["strat_fold"].isin(cfg.partition.val_folds)].to_numpy()
-    if ids.size < args.records:
-        parser.error(f"--records {args.records}: the validation folds hold {ids.size} records")
-    chosen = np.random.default_rng(0).choice(ids, size=args.records, replace=False)
-    data = TrainingData.from_dataset(load_dataset(cfg.data, ecg_ids=chosen, progress=False), federated_normalizer())
+    held_out, _ = _held_out(cfg, args.records)  # the records bench_quality_curve conditions on
+    data = TrainingData.from_dataset(held_out, federated_normalizer())
     print(f"{'checkpoint':<48} {'t':>4} {'eps MSE':>9} {'x0 MSE':>9}")
     for checkpoint in args.checkpoints:
         for step, eps_mse, x0_mse in denoising_errors(load_generator(checkpoint), data, args.timesteps):

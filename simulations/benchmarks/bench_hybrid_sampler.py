@@ -35,17 +35,23 @@ class SwitchedDenoiser(nn.Module):
         self.in_channels = low.in_channels
 
     def forward(self, x: Tensor, t: Tensor, labels: Tensor, demographics: Tensor, cond_keep: Tensor | None = None) -> Tensor:
-        eps = self.low(x, t, labels, demographics, cond_keep)  # (B C L)
-        late = t >= self.switch  # (B)
-        if late.any():
-            t_high = self.high_step[t[late]]
-            output = self.high(x[late], t_high, labels[late], demographics[late], None if cond_keep is None else cond_keep[late])
-            x0_hat, _ = self.high_diffusion.split_output(x[late], t_high, output)
-            signal = self.low_diffusion.table("sqrt_alphas_cumprod").to(x)[t[late]].view(-1, 1, 1)
-            noise = self.low_diffusion.table("sqrt_one_minus_alphas_cumprod").to(x)[t[late]].view(-1, 1, 1)
-            eps = eps.clone()
-            eps[late] = (x[late] - signal * x0_hat) / noise
+        eps = torch.empty_like(x)  # (B C L): every row is written by exactly one of the two models
+        for rows, model in ((t < self.switch, self._low_eps), (t >= self.switch, self._high_eps)):
+            if rows.any():
+                keep = None if cond_keep is None else cond_keep[rows]
+                eps[rows] = model(x[rows], t[rows], labels[rows], demographics[rows], keep).to(x.dtype)
         return eps
+
+    def _low_eps(self, x: Tensor, t: Tensor, labels: Tensor, demographics: Tensor, keep: Tensor | None) -> Tensor:
+        return self.low(x, t, labels, demographics, keep)
+
+    def _high_eps(self, x: Tensor, t: Tensor, labels: Tensor, demographics: Tensor, keep: Tensor | None) -> Tensor:
+        """The high model's x0 estimate at its nearest noise level, as the eps the low schedule implies."""
+        t_high = self.high_step[t]
+        x0_hat, _ = self.high_diffusion.split_output(x, t_high, self.high(x, t_high, labels, demographics, keep))
+        signal = self.low_diffusion.table("sqrt_alphas_cumprod").to(x)[t].view(-1, 1, 1)
+        noise = self.low_diffusion.table("sqrt_one_minus_alphas_cumprod").to(x)[t].view(-1, 1, 1)
+        return (x - signal * x0_hat) / noise
 
 
 def main(argv: list[str] | None = None) -> int:
