@@ -4,6 +4,7 @@ A checkpoint directory holds `model.safetensors` (the weights to sample from) an
 (resolved config, its hash, normalization statistics, progress). A bundle is a self-contained release:
 
     model.safetensors  config.yaml  normalization.json  privacy.json  [evaluation.json]
+    [expert.safetensors  expert.json]  (the public high-noise expert of diffusion.expert; common/expert.py)
     MODEL_CARD.md  manifest.json (SHA256 of every other file; which files lie outside the DP guarantee)
 
 `load_generator` accepts a bundle, a checkpoint or a run directory, and refuses a bundle whose files do
@@ -96,9 +97,18 @@ class ECGGenerator:
     diffusion: GaussianDiffusion
     normalizer: Normalizer
     source: Path
+    expert: Any = None  # a common.expert.PublicExpert when diffusion.expert is set: the high-noise sampling steps
+
+    def sampling_model(self) -> nn.Module:
+        """The network the sampler calls (with the expert, when there is one)."""
+        from common.expert import sampling_denoiser
+
+        return sampling_denoiser(self.model, self.diffusion, self.expert)
 
 
-def build_generator(cfg: Config, state: dict[str, torch.Tensor], normalizer: Normalizer, source: Path) -> ECGGenerator:
+def build_generator(cfg: Config, state: dict[str, torch.Tensor], normalizer: Normalizer, source: Path,
+                    expert: Any = None) -> ECGGenerator:
+    """The generator of `state`; its expert is `expert`, else loaded from diffusion.expert when set."""
     model = build_denoiser(cfg.model)
     expected = model.state_dict()
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
@@ -109,7 +119,12 @@ def build_generator(cfg: Config, state: dict[str, torch.Tensor], normalizer: Nor
                           f"unexpected {unexpected[:3]}, shapes differ: {misshapen[:3]})")
     model.load_state_dict(state)
     model.eval()
-    return ECGGenerator(cfg=cfg, model=model, diffusion=GaussianDiffusion(cfg.diffusion), normalizer=normalizer, source=source)
+    diffusion = GaussianDiffusion(cfg.diffusion)
+    if expert is None and cfg.diffusion.expert:
+        from common.expert import load_expert_run
+
+        expert = load_expert_run(cfg.diffusion.expert, cfg, normalizer)
+    return ECGGenerator(cfg=cfg, model=model, diffusion=diffusion, normalizer=normalizer, source=source, expert=expert)
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
@@ -132,7 +147,7 @@ def load_generator(path: str | Path) -> ECGGenerator:
             raise BundleError(f"{path}: bundle failed verification: " + "; ".join(problems))
         cfg = from_dict(yaml.safe_load((path / "config.yaml").read_text()), source=str(path / "config.yaml"))
         normalizer = Normalizer.from_dict(json.loads((path / "normalization.json").read_text()))
-        return build_generator(cfg, load_weights(path / WEIGHTS), normalizer, path)
+        return build_generator(cfg, load_weights(path / WEIGHTS), normalizer, path, expert=_bundled_expert(path, cfg))
     if not (path / "checkpoint.json").is_file():
         latest = latest_checkpoint(path)
         if latest is None:
@@ -142,8 +157,19 @@ def load_generator(path: str | Path) -> ECGGenerator:
     return build_generator(cfg, state, normalizer, path)
 
 
+def _bundled_expert(path: Path, cfg: Config) -> Any:
+    """A bundle samples with the expert it carries, never with one found at the config's path."""
+    from common.expert import EXPERT_WEIGHTS, load_expert_files
+
+    carried = (path / EXPERT_WEIGHTS).is_file()
+    if bool(cfg.diffusion.expert) != carried:
+        raise BundleError(f"{path}: its config {'names' if cfg.diffusion.expert else 'names no'} diffusion.expert, "
+                          f"but the bundle {'carries one' if carried else 'carries none'}")
+    return load_expert_files(path) if carried else None
+
+
 # How a model is sampled is not how it was trained: a base stays usable under another sampler or step count.
-SAMPLING_KEYS = ("sampler", "sample_steps", "eta", "guidance_scale")
+SAMPLING_KEYS = ("sampler", "sample_steps", "eta", "guidance_scale", "expert", "expert_from")
 
 
 def _trained_part(section: str, values: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -152,32 +178,37 @@ def _trained_part(section: str, values: dict[str, Any] | None) -> dict[str, Any]
     return {k: v for k, v in values.items() if k not in SAMPLING_KEYS}
 
 
-def load_public_base(path: str | Path, cfg: Config) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The weights and provenance (base.json) of a `fedecg pretrain` run, checked against `cfg`.
-
-    The base must have the configured architecture, and its public pool must be the one this partition
-    excludes from the federation (same partition section), so no federated patient was pretrained on.
-    """
+def public_run(path: str | Path, cfg: Config, key: str) -> tuple[Path, dict[str, Any]]:
+    """The final checkpoint and base.json of a `fedecg pretrain` run named by config `key`, checked: its
+    weights are the ones base.json describes, and its public pool is exactly the one this partition excludes
+    from the federation (same partition section), so no federated patient was trained on."""
     path = Path(path)
     if not (path / "base.json").is_file():
-        raise BundleError(f"federation.init_from={path}: no base.json there; make a base with `fedecg pretrain`")
+        raise BundleError(f"{key}={path}: no base.json there; make one with `fedecg pretrain`")
     base = json.loads((path / "base.json").read_text())
     checkpoint = latest_checkpoint(path)
     if checkpoint is None:
-        raise BundleError(f"federation.init_from={path}: no checkpoint")
+        raise BundleError(f"{key}={path}: no checkpoint")
     if sha256_file(checkpoint / WEIGHTS) != base["weights_sha256"]:
-        raise BundleError(f"federation.init_from={path}: the weights are not the ones base.json describes")
+        raise BundleError(f"{key}={path}: the weights are not the ones base.json describes")
+    if base["partition"] != to_dict(cfg)["partition"]:
+        raise BundleError(
+            f"{key}={path}: it was pretrained under another partition section; its public pool "
+            "must be exactly the one this federation excludes (partition.public_sites)"
+        )
+    return checkpoint, base
+
+
+def load_public_base(path: str | Path, cfg: Config) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The weights and provenance (base.json) of a `fedecg pretrain` run, checked against `cfg`: a public
+    run (`public_run`) of the configured architecture, trained for the same noise process."""
+    checkpoint, base = public_run(path, cfg, "federation.init_from")
     plain, defaults = to_dict(cfg), to_dict(Config())
-    for section in ("model", "diffusion"):  # the same network, trained for the same noise process
+    for section in ("model", "diffusion"):
         # A key the base's version did not have yet holds its default, the behaviour that version had.
         recorded = {**defaults[section], **base[section]} if section in base else None
         if _trained_part(section, recorded) != _trained_part(section, plain[section]):
             raise BundleError(f"federation.init_from={path}: the base's {section} section differs from this config's")
-    if base["partition"] != plain["partition"]:
-        raise BundleError(
-            f"federation.init_from={path}: the base was pretrained under another partition section; its public pool "
-            "must be exactly the one this federation excludes (partition.public_sites)"
-        )
     state, _, _, _ = read_checkpoint(checkpoint)
     return state, {k: base[k] for k in ("trained_on", "records", "patients", "steps", "weights_sha256", "config_sha256")}
 
@@ -210,6 +241,11 @@ def verify_bundle(path: str | Path) -> list[str]:
     for required in (WEIGHTS, "config.yaml", "normalization.json", "MODEL_CARD.md"):
         if required not in manifest["files"]:
             problems.append(f"{required}: not listed in the manifest")
+    from common.expert import EXPERT_JSON, EXPERT_WEIGHTS
+
+    for name in (EXPERT_WEIGHTS, EXPERT_JSON):  # the loader samples with these whenever they are present
+        if (path / name).exists() and name not in manifest["files"]:
+            problems.append(f"{name}: present but not listed in the manifest")
     return problems
 
 

@@ -80,6 +80,10 @@ class DiffusionConfig:
     zero_terminal_snr: bool = False  # rescale the schedule so the last step holds no signal (needs prediction v or blend)
     # [first, last) timesteps drawn in training (None: all T): an expert for one noise range (eDiff-I)
     train_timesteps: tuple[int, ...] | None = None
+    # A `fedecg pretrain` run of a public denoiser that answers the sampling steps t >= expert_from (t on this
+    # schedule); this network answers the rest. Sampling only: it never trains, nor sees a site's record.
+    expert: str | None = None
+    expert_from: int = 100
 
 
 @dataclass(frozen=True)

@@ -102,6 +102,12 @@ class GaussianDiffusion:
                                  "of x0 where no signal is left)")
             betas = rescale_zero_terminal_snr(betas)
         self.num_timesteps = int(betas.shape[0])
+        if cfg.expert:
+            if cfg.prediction != "eps":
+                raise ValueError(f"diffusion.expert answers the high-noise steps of an eps model; this one predicts "
+                                 f"{cfg.prediction!r} (set diffusion.expert: null to train or sample it alone)")
+            if not 0 < cfg.expert_from < self.num_timesteps:
+                raise ValueError(f"diffusion.expert_from must lie in 1..{self.num_timesteps - 1}, got {cfg.expert_from}")
         self.train_range = self._train_range(cfg.train_timesteps)
         self._tables = {name: torch.from_numpy(values) for name, values in schedule_tables(betas).items()}  # float64 [T]
         blend = blend_tables(self._tables["alphas_cumprod"].numpy())

@@ -43,7 +43,7 @@ def generate(
     if demographics.shape != (n, 4) or mask.shape != (n, 4):
         raise ValueError(f"expected demographics and mask of shape ({n}, 4), got {demographics.shape}, {mask.shape}")
     dev = select_device(device)
-    model = gen.model.to(dev).eval()
+    model = gen.sampling_model().to(dev).eval()
     dc = gen.cfg.diffusion
     encoded = encode_demographics(demographics, mask).astype(np.float32)
     generator = torch.Generator(device=dev).manual_seed(seed)

@@ -4,6 +4,7 @@
     metrics_discarded.csv  rows of rounds a resumed run replayed (written but never checkpointed)
     checkpoints/round_NNNN/  weights, config, normalizer, strategy state, privacy ledger; LATEST names the newest
     base_model.json      the public base the run started from (when federation.init_from is set)
+    public_expert.json   the public high-noise expert sampling uses (when diffusion.expert is set)
     samples_roundNNN.png every federation.sample_every rounds: a grid sampled from the global model
     monitoring.jsonl     every federation.evaluate_every rounds: fidelity against the server's reference set
     privacy.json         the certificate, from the ledger's site budgets (privacy.enabled)
@@ -49,12 +50,14 @@ class RunArtifacts:
     def checkpoints(self) -> Path:
         return self.run_dir / "checkpoints"
 
-    def save_base_model(self, base: dict[str, Any] | None) -> None:
-        if base is not None:
-            (self.run_dir / "base_model.json").write_text(json.dumps(base, indent=2))
+    def save_public_models(self, base: dict[str, Any] | None, expert: dict[str, Any] | None) -> None:
+        """Pin, at the start, the provenance of the public models the certificate will name."""
+        for name, provenance in (("base_model.json", base), ("public_expert.json", expert)):
+            if provenance is not None:
+                (self.run_dir / name).write_text(json.dumps(provenance, indent=2))
 
-    def base_model(self) -> dict[str, Any] | None:
-        path = self.run_dir / "base_model.json"
+    def _public_model(self, name: str) -> dict[str, Any] | None:
+        path = self.run_dir / name
         return json.loads(path.read_text()) if path.is_file() else None
 
     def resume(self, strategy: Any) -> tuple[dict, PrivacyLedger, int, str]:
@@ -146,7 +149,8 @@ class RunArtifacts:
         weights = latest_checkpoint(self.run_dir) / WEIGHTS
         write_certificate(self.run_dir / "privacy.json",
                           build_certificate(self.cfg, ledger.budgets(), "federated", sha256_file(weights),
-                                            base_model=self.base_model()))
+                                            base_model=self._public_model("base_model.json"),
+                                            public_expert=self._public_model("public_expert.json")))
 
     def finish(self, ledger: PrivacyLedger) -> None:
         plot_rounds(self.run_dir)

@@ -22,6 +22,7 @@ from flwr.serverapp import Grid, ServerApp
 from common.bundle import initial_state, latest_checkpoint
 from common.config import Config, RunSpec
 from common.config import save as save_config
+from common.expert import expert_provenance
 from common.run_dir import default_run_dir
 from server.artifacts import RunArtifacts
 from server.rounds import ROUND_TIMEOUT_S, RoundFailed, play_round, site_name
@@ -91,7 +92,7 @@ def _start(artifacts: RunArtifacts) -> tuple[dict, PrivacyLedger, int, str]:
     save_config(artifacts.cfg, artifacts.run_dir)
     run_key = secrets.token_hex(16)  # names this run in every site's ledger; kept by checkpoints for --resume
     state, base = initial_state(artifacts.cfg)
-    artifacts.save_base_model(base)
+    artifacts.save_public_models(base, expert_provenance(artifacts.cfg, artifacts.normalizer))
     return state, PrivacyLedger(), 1, run_key
 
 

@@ -30,6 +30,7 @@ from common.data.metadata import load_metadata
 from common.data.partition import make_partition, training_ids
 from common.data.patient_choice import one_record_per_patient
 from common.diffusion import GaussianDiffusion
+from common.expert import expert_provenance
 from common.generate import generate, grid_conditions
 from common.hashing import sha256_file
 from common.model.denoiser import build_denoiser, count_parameters
@@ -261,7 +262,8 @@ def _write_results(cfg: Config, run_dir: Path, model, normalizer, steps: int, bu
     shutil.rmtree(run_dir / RESUME, ignore_errors=True)  # finished: nothing left to resume
     if budget is not None:
         write_certificate(run_dir / "privacy.json",
-                          build_certificate(cfg, [budget], "central", sha256_file(directory / WEIGHTS)))
+                          build_certificate(cfg, [budget], "central", sha256_file(directory / WEIGHTS),
+                                            public_expert=expert_provenance(cfg, normalizer)))
     if pool == "public":
         _write_base(run_dir, cfg, dataset, directory, steps)
     if rows:

@@ -132,7 +132,12 @@ def cmd_privacy_verify(args: argparse.Namespace) -> int:
               f"(target {site['target_epsilon']}), {site['steps']} of {site['planned_steps']} planned steps, N={site['num_records']}")
     print(f"release: ({rel['epsilon']:.4f}, {rel['delta']:g})-DP per {rel['unit']}, {rel['neighbouring_relation']} "
           f"(add/remove: {rel['epsilon_add_remove']:.4f})")
-    print("verified: arithmetic, the plan from the config, the config and weights named by the certificate; "
+    expert = certificate.get("public_expert")
+    if expert:
+        print(f"public expert (sampling steps t >= {expert['answers_from_step']}): {expert['trained_on']}, weights "
+              f"sha256 {expert['weights_sha256'][:16]}..., no site's record")
+    carried = " and public expert" if expert else ""
+    print(f"verified: arithmetic, the plan from the config, the config, weights{carried} named by the certificate; "
           "not verifiable from the bundle: that the weights were trained as certified")
     return 0
 

@@ -9,6 +9,7 @@ import yaml
 
 from common.bundle import WEIGHTS, latest_checkpoint, read_checkpoint, write_bundle
 from common.config import to_dict
+from common.expert import expert_bundle_files, load_expert_run
 from common.privacy import verify_release
 from common.scp import SCP_CODES
 from simulations.model_card import model_card
@@ -52,5 +53,13 @@ def export_bundle(run_dir: Path, out: Path, evaluation: Path | None = None) -> P
     if (run_dir / "audit.json").is_file():  # from the weights, the public candidates and the audit's own coins
         audit = json.loads((run_dir / "audit.json").read_text())
         files["audit.json"] = run_dir / "audit.json"
-    files["MODEL_CARD.md"] = model_card(run_dir, cfg, progress, certificate, report, audit).encode()
+    expert = None
+    if cfg.diffusion.expert:  # the bundle samples with its own copy of the public expert
+        expert = load_expert_run(cfg.diffusion.expert, cfg, normalizer)
+        named = (certificate or {}).get("public_expert") or {}
+        if certificate is not None and named.get("weights_sha256") != expert.provenance["weights_sha256"]:
+            raise ValueError(f"diffusion.expert={cfg.diffusion.expert}: not the public expert privacy.json names")
+        files.update(expert_bundle_files(expert))
+    files["MODEL_CARD.md"] = model_card(run_dir, cfg, progress, certificate, report, audit,
+                                        expert=None if expert is None else expert.provenance).encode()
     return write_bundle(out, files, outside_dp_guarantee=outside_dp)

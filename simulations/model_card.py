@@ -24,10 +24,11 @@ _USE_AND_LIMITATIONS = [
 
 
 def model_card(run_dir: Path, cfg, progress: dict, certificate: dict | None, evaluation: dict | None,
-               audit: dict | None = None) -> str:
-    """The card's markdown; `progress` is the checkpoint's, the other dicts are the files the bundle carries."""
+               audit: dict | None = None, expert: dict | None = None) -> str:
+    """The card's markdown; `progress` is the checkpoint's, the other dicts are the files the bundle carries
+    (`expert`: the provenance of the public expert it samples with)."""
     lines = ["# Model card: fedecg synthetic 12-lead ECG generator", "", *_what_it_is(cfg), "",
-             *_data(cfg, certificate), "", *_training(cfg, progress), "", *_privacy(certificate)]
+             *_data(cfg, certificate, expert), "", *_training(cfg, progress), "", *_privacy(certificate)]
     if audit:
         lines += ["", *_audit_section(audit)]
     lines += ["", *_USE_AND_LIMITATIONS]
@@ -48,8 +49,9 @@ def _what_it_is(cfg) -> list[str]:
     ]
 
 
-def _data(cfg, certificate: dict | None) -> list[str]:
-    """The partition, the sites' epsilon table under DP, and the public base the federation started from."""
+def _data(cfg, certificate: dict | None, expert: dict | None) -> list[str]:
+    """The partition, the sites' epsilon table under DP, the public base the federation started from and the
+    public expert sampling asks at high noise."""
     lines = [
         "## Data",
         f"PTB-XL (Wagner et al., Scientific Data 2020; CC BY 4.0), partitioned into simulated hospitals by "
@@ -70,6 +72,12 @@ def _data(cfg, certificate: dict | None) -> list[str]:
         lines += ["", f"Public base model: pretrained centrally without DP on {base['records']} records of "
                       f"{base['patients']} patients ({base['trained_on']}), {base['steps']} steps, weights sha256 "
                       f"`{base['weights_sha256']}`. The federation started from it; DP covers only the sites' records."]
+    if expert:
+        lines += ["", f"Public high-noise expert (expert.safetensors): a second denoiser that answers the sampling steps "
+                      f"t >= {cfg.diffusion.expert_from} of {cfg.diffusion.timesteps}, where the beats are laid out; "
+                      f"this model answers the rest. Pretrained centrally without DP on {expert['records']} records of "
+                      f"{expert['patients']} patients ({expert['trained_on']}), {expert['steps']} steps, weights "
+                      f"sha256 `{expert['weights_sha256']}`. It saw no site's record and no federated round changed it."]
     return lines
 
 

@@ -1,11 +1,21 @@
-"""Tiny run configs for tests: the `tiny` model, a handful of steps, a PTB-XL root of the test's choosing."""
+"""Tiny run configs for tests: the `tiny` model, a handful of steps, a PTB-XL root of the test's choosing; and
+public pretraining runs written without training."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
+
+from common.bundle import WEIGHTS, save_checkpoint
+from common.config import Config, config_hash, to_dict
+from common.hashing import sha256_file
+from common.model.denoiser import build_denoiser
+from common.normalization import federated_normalizer
+from common.run_dir import CHECKPOINTS, write_latest
 
 
 def tiny_run_config(root: Path, directory: Path, **sections: dict[str, Any]) -> Path:
@@ -29,3 +39,18 @@ def tiny_run_config(root: Path, directory: Path, **sections: dict[str, Any]) -> 
     directory.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
+
+
+def write_public_run(run: Path, cfg: Config, seed: int = 0) -> Path:
+    """A `fedecg pretrain` run as it leaves its directory: a final checkpoint and base.json describing it."""
+    torch.manual_seed(seed)
+    state = {k: v.detach() for k, v in build_denoiser(cfg.model).state_dict().items()}
+    checkpoint = save_checkpoint(run / CHECKPOINTS / "final", state, cfg, federated_normalizer(), {"step": 5})
+    write_latest(run, "final")
+    plain = to_dict(cfg)
+    (run / "base.json").write_text(json.dumps({
+        "format": "fedecg-public-base/1", "trained_on": "PTB-XL sites [0], declared public; without DP",
+        "records": 10, "patients": 9, "steps": 5, "weights_sha256": sha256_file(checkpoint / WEIGHTS),
+        "config_sha256": config_hash(cfg), "partition": plain["partition"], "model": plain["model"],
+        "diffusion": plain["diffusion"]}))
+    return run

@@ -86,7 +86,8 @@ def _site_entry(b: SiteBudget) -> dict[str, Any]:
 
 
 def build_certificate(cfg: Config, budgets: list[SiteBudget], kind: str, weights_sha256: str,
-                      base_model: dict[str, Any] | None = None) -> dict[str, Any]:
+                      base_model: dict[str, Any] | None = None,
+                      public_expert: dict[str, Any] | None = None) -> dict[str, Any]:
     """The certificate of a release: per-site spend and the release guarantee (max over patient-disjoint sites)."""
     sites = [_site_entry(b) for b in budgets]
     release_epsilon = max((s["epsilon"] for s in sites), default=0.0)
@@ -109,6 +110,12 @@ def build_certificate(cfg: Config, budgets: list[SiteBudget], kind: str, weights
             f" Training started from a public base model ({base_model['trained_on']}, weights sha256 "
             f"{base_model['weights_sha256'][:16]}...): DP covers only the sites' records, not that public data."
         )
+    if public_expert:
+        statement += (
+            f" Sampling asks a public expert at the noise steps t >= {public_expert['answers_from_step']} "
+            f"({public_expert['trained_on']}, weights sha256 {public_expert['weights_sha256'][:16]}...): it was "
+            f"trained on that public data only, saw no site's record, and the release carries it unchanged."
+        )
     return {
         "format": CERTIFICATE_FORMAT,
         "kind": kind,
@@ -129,6 +136,7 @@ def build_certificate(cfg: Config, budgets: list[SiteBudget], kind: str, weights
         },
         "not_covered": NOT_COVERED,
         "base_model": base_model,
+        "public_expert": public_expert,
         "weights_sha256": weights_sha256,
         "versions": library_versions(),
         "config_sha256": config_hash(cfg),
@@ -204,6 +212,11 @@ def verify_certificate(certificate: dict[str, Any]) -> list[str]:
         problems.append("the embedded config has privacy disabled")
     if bool(certificate.get("base_model")) != bool(kind == "federated" and cfg.federation.init_from):
         problems.append("the certificate's base_model does not match federation.init_from in the config")
+    expert = certificate.get("public_expert")
+    if bool(expert) != bool(cfg.diffusion.expert):
+        problems.append("the certificate's public_expert does not match diffusion.expert in the config")
+    elif expert and expert.get("answers_from_step") != cfg.diffusion.expert_from:
+        problems.append("the certificate's public_expert answers from another step than diffusion.expert_from")
     delta = float(certificate["delta"])
     if delta != cfg.privacy.delta:
         problems.append(f"delta {delta} is not the configured {cfg.privacy.delta}")
@@ -245,6 +258,7 @@ def verify_release(directory: str | Path) -> list[str]:
         weights = latest_checkpoint(directory) / WEIGHTS
     if weights.is_file() and sha256_file(weights) != certificate.get("weights_sha256"):
         problems.append(f"{weights.name}: not the weights the certificate was issued for")
+    problems += _verify_expert_weights(directory, certificate.get("public_expert"))
     config_file = directory / "config.yaml"
     if config_file.is_file() and certificate.get("format") == CERTIFICATE_FORMAT:
         import yaml
@@ -254,3 +268,20 @@ def verify_release(directory: str | Path) -> list[str]:
         if not hash_matches(raw, certificate.get("config_sha256")):
             problems.append("config.yaml is not the config the certificate was issued for")
     return problems
+
+
+def _verify_expert_weights(directory: Path, expert: dict[str, Any] | None) -> list[str]:
+    """A bundle carries exactly the public expert its certificate names (a run directory names it by path)."""
+    from common.expert import EXPERT_WEIGHTS
+    from common.hashing import sha256_file
+
+    carried = directory / EXPERT_WEIGHTS
+    if not carried.is_file():
+        if expert and (directory / "manifest.json").is_file():
+            return [f"the certificate names a public expert but the bundle carries no {EXPERT_WEIGHTS}"]
+        return []
+    if not expert:
+        return [f"{EXPERT_WEIGHTS}: the bundle carries an expert its certificate does not name"]
+    if sha256_file(carried) != expert["weights_sha256"]:
+        return [f"{EXPERT_WEIGHTS}: not the public expert the certificate names"]
+    return []

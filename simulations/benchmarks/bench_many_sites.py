@@ -27,7 +27,7 @@ def _overrides(args: argparse.Namespace, out: Path) -> list[str]:
     return [
         f"data.root={args.data}", f"data.max_records={args.records}", f"data.cache_dir={out / 'cache'}",
         "partition.scheme=iid", f"partition.num_sites={args.sites}", "partition.public_sites=[]",
-        "model.size=tiny", "federation.init_from=null", f"federation.rounds={args.rounds}",
+        "model.size=tiny", "federation.init_from=null", "diffusion.expert=null", f"federation.rounds={args.rounds}",
         f"federation.local_steps={args.local_steps}", f"federation.min_sites={args.sites}",
         f"federation.site_state_dir={out / 'sites'}", "federation.sample_every=0", "federation.num_cpus_per_site=1",
         "evaluation.site_records=0", "train.batch_size=16", "train.device=cpu",

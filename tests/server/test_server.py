@@ -134,3 +134,31 @@ def test_resuming_sets_aside_the_metrics_of_rounds_after_the_checkpoint_so_no_ro
     artifacts.append_metrics([{"round": 2, "site": "iid-0", "steps": 2}])  # the replayed round
     assert [r["round"] for r in read_metrics(tmp_path / "run" / "metrics.csv")] == ["1", "1", "2"]
     assert RunArtifacts(tmp_path / "run", cfg).set_aside_metrics_after(2) == 0  # nothing later: untouched
+
+
+def test_the_certificate_names_the_public_expert_pinned_when_the_run_started(tmp_path):
+    from common.bundle import save_checkpoint
+    from common.expert import expert_provenance
+    from common.run_dir import write_latest
+    from server.artifacts import RunArtifacts
+    from tests.run_configs import write_public_run
+
+    partition = {"scheme": "site", "num_sites": 2, "public_sites": [0]}
+    expert_cfg = from_dict({"partition": partition, "diffusion": {"prediction": "v", "zero_terminal_snr": True}})
+    expert = write_public_run(tmp_path / "expert", expert_cfg)
+    cfg = from_dict({"privacy": {"noise_multiplier": 1.2}, "federation": {"rounds": 3, "local_steps": 10},
+                     "partition": partition, "diffusion": {"expert": str(expert), "expert_from": 150}})
+    artifacts = RunArtifacts(tmp_path / "run", cfg)
+    artifacts.save_public_models(None, expert_provenance(cfg, artifacts.normalizer))
+    state = build_denoiser(cfg.model).state_dict()
+    save_checkpoint(artifacts.checkpoints / "round_0001", state, cfg, artifacts.normalizer, {"round": 1})
+    write_latest(artifacts.run_dir, "round_0001")
+    ledger = PrivacyLedger()
+    for node, site in enumerate(("site-1", "site-2")):
+        ledger.update(node, site, _reported(site, 30, cfg))
+    artifacts.certify(ledger)
+    certificate = json.loads((artifacts.run_dir / "privacy.json").read_text())
+    named = json.loads((expert / "base.json").read_text())["weights_sha256"]
+    assert certificate["public_expert"]["weights_sha256"] == named
+    assert certificate["public_expert"]["answers_from_step"] == 150
+    assert verify_certificate(certificate) == []

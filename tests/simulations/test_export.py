@@ -16,6 +16,7 @@ from common.privacy.accounting import plan_budget
 from common.privacy.certificate import build_certificate, planned_steps, write_certificate
 from common.run_dir import CHECKPOINTS, write_latest
 from simulations.export import export_bundle
+from tests.run_configs import write_public_run
 
 # A fixed noise multiplier keeps the certificate cheap to build and to verify (no calibration).
 DP = {"enabled": True, "noise_multiplier": 1.0, "target_epsilon": 8.0, "delta": 1e-5}
@@ -119,3 +120,56 @@ def test_export_refuses_a_run_without_checkpoints_a_bad_evaluation_or_a_used_dir
     with pytest.raises(BundleError, match="exists and is not empty"):
         export_bundle(run, used)
     assert (used / "notes.txt").read_text() == "someone's notes"
+
+
+def test_a_release_carries_the_public_expert_its_certificate_names_and_samples_with_it(tmp_path):
+    from common.expert import EXPERT_JSON, EXPERT_WEIGHTS, expert_provenance
+    from common.privacy import verify_certificate
+
+    expert_cfg = tiny_cfg(diffusion={"timesteps": 20, "prediction": "v", "zero_terminal_snr": True})
+    expert_run = write_public_run(tmp_path / "expert", expert_cfg)
+    cfg = tiny_cfg(privacy=DP, train={"batch_size": 8},
+                   diffusion={"timesteps": 20, "sample_steps": 2, "expert": str(expert_run), "expert_from": 12})
+    run = write_run(tmp_path / "run", cfg, {"round": 2})
+    budgets = []
+    for site, n in {"iid-0": 120, "iid-1": 96}.items():
+        budget = plan_budget(site, cfg.privacy, cfg.train.batch_size, n, planned_steps(cfg, "federated"))
+        budget.steps = budget.planned_steps
+        budgets.append(budget)
+    weights = sha256_file(run / CHECKPOINTS / "final" / WEIGHTS)
+    provenance = expert_provenance(cfg, federated_normalizer())
+    certificate = build_certificate(cfg, budgets, "federated", weights, public_expert=provenance)
+    assert "public expert at the noise steps t >= 12" in certificate["release"]["statement"]
+    assert any("public_expert does not match" in p for p in verify_certificate(dict(certificate, public_expert=None)))
+    write_certificate(run / "privacy.json", certificate)
+
+    bundle = export_bundle(run, tmp_path / "bundle")
+    assert verify_bundle(bundle) == [] and verify_release(bundle) == []
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert {EXPERT_WEIGHTS, EXPERT_JSON} <= set(manifest["files"]) and manifest["outside_dp_guarantee"] == {}
+    assert f"weights sha256 `{provenance['weights_sha256']}`" in (bundle / "MODEL_CARD.md").read_text()
+    import shutil
+
+    shutil.rmtree(expert_run)  # the bundle is self-contained: it samples with its own copy
+    gen = load_generator(bundle)
+    assert gen.expert is not None and gen.expert.provenance["weights_sha256"] == provenance["weights_sha256"]
+    assert gen.expert.diffusion.cfg.prediction == "v"
+
+    # Another expert swapped in, manifest regenerated: the certificate still names the first one.
+    swapped = tmp_path / "swapped"
+    other = write_public_run(tmp_path / "other", expert_cfg, seed=1) / CHECKPOINTS / "final" / WEIGHTS
+    files = {name: bundle / name for name in manifest["files"]}
+    files[EXPERT_WEIGHTS] = other
+    from common.bundle import write_bundle
+
+    write_bundle(swapped, files)
+    assert any("not the public expert the certificate names" in p for p in verify_release(swapped))
+    with pytest.raises(BundleError, match="not the weights expert.json describes"):
+        load_generator(swapped)
+    # An expert file dropped into a bundle whose manifest does not list it is refused, not sampled with.
+    plain = export_bundle(write_run(tmp_path / "plain", tiny_cfg(privacy={"enabled": False}), {"round": 1}),
+                          tmp_path / "plain-bundle")
+    (plain / EXPERT_WEIGHTS).write_bytes(other.read_bytes())
+    assert any("present but not listed" in p for p in verify_bundle(plain))
+    with pytest.raises(BundleError, match="failed verification"):
+        load_generator(plain)
