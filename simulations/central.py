@@ -130,6 +130,8 @@ def run_central(cfg: Config, run_dir: Path, progress: bool = True, pool: str = "
     dataset = _load_records(cfg, ids, progress)
     # Public constants, as at the sites: statistics fitted on private records would be an unaccounted release.
     normalizer = federated_normalizer()
+    # Checked before any step: the sample grids use it, and under DP the certificate names it.
+    public_expert = expert_provenance(cfg, normalizer)
     data = TrainingData.from_dataset(dataset, normalizer)
     torch.manual_seed(cfg.train.seed)
     model = build_denoiser(cfg.model)
@@ -146,7 +148,8 @@ def run_central(cfg: Config, run_dir: Path, progress: bool = True, pool: str = "
     result, rows = _train(cfg, run_dir, model, ema, data, normalizer, plan,
                           "pretrain" if pool == "public" else "central", progress)
     ema.copy_to(model)  # an average of DP iterates is post-processing: it costs no privacy
-    directory = _write_results(cfg, run_dir, model, normalizer, result.steps, plan.budget, pool, dataset, rows)
+    directory = _write_results(cfg, run_dir, model, normalizer, result.steps, plan.budget, pool, dataset, rows,
+                               public_expert)
     _plot_samples(cfg, model.state_dict(), normalizer, directory, run_dir / "samples.png", progress)
     print(
         f"trained {result.steps} steps in {time.perf_counter() - start:.1f}s "
@@ -249,7 +252,7 @@ def _train(cfg: Config, run_dir: Path, model, ema: EMA, data: TrainingData, norm
 
 
 def _write_results(cfg: Config, run_dir: Path, model, normalizer, steps: int, budget: SiteBudget | None, pool: str,
-                   dataset, rows: list[dict[str, float]]) -> Path:
+                   dataset, rows: list[dict[str, float]], public_expert: dict | None) -> Path:
     """The final checkpoint (the run is then finished), its certificate or base record, and the loss curves."""
     directory = save_checkpoint(
         run_dir / "checkpoints" / "final",
@@ -263,7 +266,7 @@ def _write_results(cfg: Config, run_dir: Path, model, normalizer, steps: int, bu
     if budget is not None:
         write_certificate(run_dir / "privacy.json",
                           build_certificate(cfg, [budget], "central", sha256_file(directory / WEIGHTS),
-                                            public_expert=expert_provenance(cfg, normalizer)))
+                                            public_expert=public_expert))
     if pool == "public":
         _write_base(run_dir, cfg, dataset, directory, steps)
     if rows:

@@ -104,3 +104,23 @@ def test_an_interrupted_pretraining_resumes_where_it_stopped(tiny_ptbxl, tmp_pat
     assert not (run / central.RESUME).exists() and json.loads((run / "base.json").read_text())["steps"] == 4
     with pytest.raises(FileExistsError, match="finished"):
         run_central(cfg, run, progress=False, pool="public", resume=True)
+
+
+def test_a_central_dp_run_checks_its_public_expert_before_any_step_and_certifies_it(tiny_ptbxl, tmp_path):
+    from common.bundle import BundleError
+    from common.config import from_dict, to_dict
+    from tests.run_configs import write_public_run
+
+    path = tiny_run_config(tiny_ptbxl.root, tmp_path, train={"steps": 2, "batch_size": 4, "num_samples": 1})
+    plain = to_dict(load(path))
+    expert = write_public_run(tmp_path / "expert", from_dict(
+        {**plain, "diffusion": {**plain["diffusion"], "prediction": "v", "zero_terminal_snr": True}}))
+    with pytest.raises(BundleError, match="no base.json"):
+        run_central(load(path, [f"diffusion.expert={tmp_path / 'missing'}", "diffusion.expert_from=25"]),
+                    tmp_path / "refused", progress=False)
+    assert not list((tmp_path / "sites").glob("central-*/ledger.json"))  # no budget reserved, no step taken
+    run = run_central(load(path, [f"diffusion.expert={expert}", "diffusion.expert_from=25"]), tmp_path / "run",
+                      progress=False)
+    certificate = json.loads((run / "privacy.json").read_text())
+    assert certificate["public_expert"]["weights_sha256"] == json.loads((expert / "base.json").read_text())["weights_sha256"]
+    assert certificate["public_expert"]["answers_from_step"] == 25 and verify_release(run) == []
