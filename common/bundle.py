@@ -34,6 +34,8 @@ from common.run_dir import CHECKPOINTS, read_latest
 BUNDLE_FORMAT = "fedecg-bundle/1"
 CHECKPOINT_FORMAT = "fedecg-checkpoint/1"
 WEIGHTS = "model.safetensors"
+# What a certificate and a model card say of a public model (base or expert), from its base.json.
+PROVENANCE_KEYS = ("trained_on", "records", "patients", "steps", "weights_sha256", "config_sha256")
 
 
 class BundleError(ValueError):
@@ -210,7 +212,7 @@ def load_public_base(path: str | Path, cfg: Config) -> tuple[dict[str, torch.Ten
         if _trained_part(section, recorded) != _trained_part(section, plain[section]):
             raise BundleError(f"federation.init_from={path}: the base's {section} section differs from this config's")
     state, _, _, _ = read_checkpoint(checkpoint)
-    return state, {k: base[k] for k in ("trained_on", "records", "patients", "steps", "weights_sha256", "config_sha256")}
+    return state, {k: base[k] for k in PROVENANCE_KEYS}
 
 
 def initial_state(cfg: Config) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from common.bundle import PROVENANCE_KEYS, WEIGHTS, BundleError, load_weights, public_run, read_checkpoint
 from common.config import Config, from_dict, to_dict
 from common.diffusion import GaussianDiffusion
 from common.hashing import sha256_file
@@ -30,7 +31,6 @@ from common.normalization import Normalizer
 EXPERT_WEIGHTS = "expert.safetensors"
 EXPERT_JSON = "expert.json"
 EXPERT_FORMAT = "fedecg-expert/1"
-PROVENANCE_KEYS = ("trained_on", "records", "patients", "steps", "weights_sha256", "config_sha256")
 
 
 @dataclass
@@ -88,8 +88,6 @@ def _build(expert_cfg: Config, state: dict[str, Tensor], provenance: dict[str, A
 def load_expert_run(path: str | Path, cfg: Config, normalizer: Normalizer) -> PublicExpert:
     """The expert of `diffusion.expert`: a `fedecg pretrain` run on exactly the public pool that `cfg`'s
     partition excludes from the federation, normalized like the generator."""
-    from common.bundle import WEIGHTS, BundleError, public_run, read_checkpoint
-
     checkpoint, base = public_run(path, cfg, "diffusion.expert")
     state, expert_cfg, expert_normalizer, _ = read_checkpoint(checkpoint)
     if expert_normalizer.to_dict() != normalizer.to_dict():
@@ -115,8 +113,6 @@ def expert_bundle_files(expert: PublicExpert) -> dict[str, bytes | Path]:
 
 def load_expert_files(directory: Path) -> PublicExpert:
     """The expert a bundle carries (its files already checked against the manifest)."""
-    from common.bundle import BundleError, load_weights
-
     record = json.loads((directory / EXPERT_JSON).read_text())
     if record.get("format") != EXPERT_FORMAT:
         raise BundleError(f"{directory / EXPERT_JSON}: unknown format {record.get('format')!r}")
