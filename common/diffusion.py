@@ -321,14 +321,27 @@ class GaussianDiffusion:
         progress: bool = False,
         length: int = 1000,
         channels: int | None = None,
+        start: tuple[Tensor, int] | None = None,
     ) -> Tensor:
         """Draw x0 [B, C, length] for the conditioning rows (labels [B, 71], demographics [B, 8]).
 
         sampler 'ddpm' runs all T ancestral steps; 'ddim' runs `steps` (default diffusion.sample_steps)
         with stochasticity eta. Unset arguments come from the diffusion config. C defaults to
-        model.in_channels.
+        model.in_channels. `start=(x0, step)` begins from x0 [B, C, L] diffused to the plan's first timestep
+        at or below `step` (SDEdit: what the sampler keeps of a record from that noise level) instead of
+        from pure noise at T-1.
         """
         plan = self._plan(steps, sampler, eta, guidance_scale)
+        first = 0
+        if start is not None:
+            x_start, start_step = start
+            if x_start.dim() != 3 or x_start.shape[0] != labels.shape[0]:
+                raise ValueError(f"sample: start records must be [B, C, L] with B = {labels.shape[0]} conditioning "
+                                 f"rows, got {tuple(x_start.shape)}")
+            if not 0 <= start_step < self.num_timesteps:
+                raise ValueError(f"sample: start step must lie in [0, {self.num_timesteps - 1}], got {start_step}")
+            first = next(i for i, step in enumerate(plan.timesteps) if step <= start_step)
+            length, channels = x_start.shape[-1], x_start.shape[-2]
         channels = sample_channels(model, labels, demographics, length, channels)
         dtype = next(iter(model.parameters())).dtype if isinstance(model, nn.Module) else torch.float32
         was_training = isinstance(model, nn.Module) and model.training
@@ -336,7 +349,11 @@ class GaussianDiffusion:
             model.eval()
         try:
             x = _draw("randn", (labels.shape[0], channels, length), generator, labels.device, dtype=dtype)
-            for i in tqdm(range(len(plan.timesteps)), desc=f"{plan.sampler} sampling", disable=not progress, leave=False):
+            if start is not None:
+                t = torch.full((labels.shape[0],), plan.timesteps[first], device=labels.device, dtype=torch.long)
+                x = self.q_sample(start[0].to(device=labels.device, dtype=dtype), t, x)
+            for i in tqdm(range(first, len(plan.timesteps)), desc=f"{plan.sampler} sampling", disable=not progress,
+                          leave=False):
                 x = self._reverse_step(model, x, plan, i, labels, demographics, generator)
         finally:
             if was_training:

@@ -36,8 +36,13 @@ def generate(
     guidance_scale: float | None = None,
     progress: bool = True,
     device: str = "auto",
+    start_from: tuple[np.ndarray, int] | None = None,
 ) -> np.ndarray:
-    """Sample one 12-lead ECG (float32 [12, 1000], mV) per row of labels [N,71] / demographics [N,4] + mask."""
+    """Sample one 12-lead ECG (float32 [12, 1000], mV) per row of labels [N,71] / demographics [N,4] + mask.
+
+    `start_from=(signals8, step)`: each row's sampling begins from that record ([N, 8, 1000] mV, the model's
+    leads) diffused to `step` instead of from pure noise (GaussianDiffusion.sample's SDEdit start).
+    """
     labels = np.asarray(labels, dtype=np.float32)
     n = labels.shape[0]
     if demographics.shape != (n, 4) or mask.shape != (n, 4):
@@ -46,6 +51,10 @@ def generate(
     model = gen.sampling_model().to(dev).eval()
     dc = gen.cfg.diffusion
     encoded = encode_demographics(demographics, mask).astype(np.float32)
+    if start_from is not None:
+        if start_from[0].shape[0] != n:
+            raise ValueError(f"start_from: {start_from[0].shape[0]} records for {n} conditioning rows")
+        start_x = gen.normalizer.normalize(np.asarray(start_from[0], dtype=np.float64)).astype(np.float32)
     generator = torch.Generator(device=dev).manual_seed(seed)
     out = np.empty((n, 12, 1000), dtype=np.float32)
     batches = range(0, n, batch_size)
@@ -60,6 +69,7 @@ def generate(
             eta=dc.eta,
             guidance_scale=guidance_scale if guidance_scale is not None else dc.guidance_scale,
             generator=generator,
+            start=None if start_from is None else (torch.from_numpy(start_x[start:stop]).to(dev), start_from[1]),
         )
         signals8 = gen.normalizer.denormalize(x.float().cpu().numpy().astype(np.float64))
         out[start:stop] = derive_leads(signals8).astype(np.float32)

@@ -18,7 +18,9 @@ A small ECG delineator for lead II at 100 Hz (no external ECG toolbox), in the P
    (within 200 ms of the peak) crosses the PR level.
 
 Resolution is one sample (10 ms). Per record: heart rate from the median RR, SDNN and RMSSD of RR (ms),
-median QRS duration, PR and QT intervals (ms) and Bazett's QTc. A beat is plausible when its preceding RR
+median QRS duration, PR and QT intervals (ms) and Bazett's QTc. A record's rhythm is regular when it has
+at least `REGULAR_MIN_RR` RR intervals and every one lies within `REGULAR_RR_TOLERANCE` of their median
+(no dropped, added or chaotic beats; sinus arrhythmia within that band passes). A beat is plausible when its preceding RR
 lies in 0.3-2.0 s, QRS in 40-200 ms, QT in 200-600 ms and, where a P wave was found, PR in 80-400 ms;
 beats missing RR, QRS or QT are implausible.
 """
@@ -41,6 +43,8 @@ if TYPE_CHECKING:
 FS = 100
 LEAD_II = 1  # index of lead II in common.data.leads.LEAD_NAMES order
 REFRACTORY_S = 0.2
+REGULAR_RR_TOLERANCE = 0.15  # |RR / median RR - 1| of every interval
+REGULAR_MIN_RR = 3
 FEATURES = ("heart_rate_bpm", "sdnn_ms", "rmssd_ms", "qrs_ms", "pr_ms", "qt_ms", "qtc_ms")
 PLAUSIBLE = {
     "rr_s": (0.3, 2.0),
@@ -148,6 +152,14 @@ def record_features(lead: np.ndarray, fs: int = FS) -> tuple[dict[str, float], B
     return out, beats
 
 
+def regular_rhythm(beats: Beats) -> bool:
+    """Every RR interval within REGULAR_RR_TOLERANCE of the record's median (at least REGULAR_MIN_RR of them)."""
+    rr = beats.rr_s[1:] if beats.r.size > 1 else np.zeros(0)
+    if rr.size < REGULAR_MIN_RR:
+        return False
+    return bool(np.all(np.abs(rr / np.median(rr) - 1.0) <= REGULAR_RR_TOLERANCE))
+
+
 def beat_plausibility(beats: Beats) -> np.ndarray:
     """Boolean per beat (see the module docstring for the ranges)."""
     iv = beats.intervals_ms()
@@ -170,10 +182,11 @@ def features_table(x12: np.ndarray, fs: int = FS, lead: int = LEAD_II, progress:
     if x12.ndim != 3 or x12.shape[1] <= lead:
         raise ValueError(f"signals must be [N, leads, T] with lead index {lead} present, got shape {x12.shape}")
     table = np.full((x12.shape[0], len(FEATURES)), np.nan)
-    beats_total = plausible_total = records_with_beats = 0
+    beats_total = plausible_total = records_with_beats = regular_records = 0
     for i in tqdm(range(x12.shape[0]), desc="delineate", disable=not progress, leave=False):
         feats, beats = record_features(x12[i, lead], fs)
         table[i] = [feats[name] for name in FEATURES]
+        regular_records += regular_rhythm(beats)
         if beats.r.size >= 2:
             records_with_beats += 1
             ok = beat_plausibility(beats)[1:]  # the first beat has no preceding RR
@@ -183,6 +196,7 @@ def features_table(x12: np.ndarray, fs: int = FS, lead: int = LEAD_II, progress:
     summary = {
         "plausible_beat_fraction": plausible_total / beats_total if beats_total else float("nan"),
         "records_with_beats_fraction": records_with_beats / n,
+        "regular_rhythm_fraction": regular_records / n,
         "beats_per_record": beats_total / n,
     }
     return table, summary

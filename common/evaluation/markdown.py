@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
+from .clinical import REGULAR_RR_TOLERANCE
 from .report import to_jsonable
 
 
@@ -95,7 +96,9 @@ def _clinical(c: dict[str, Any], img: Image) -> list[str]:
     return lines + [
         "",
         f"Plausible beats: real {_fmt(b['real']['plausible_beat_fraction'])}, synthetic {_fmt(b['synthetic']['plausible_beat_fraction'])}."
-        f" Records with detected beats: real {_fmt(b['real']['records_with_beats_fraction'])}, synthetic {_fmt(b['synthetic']['records_with_beats_fraction'])}.",
+        f" Records with detected beats: real {_fmt(b['real']['records_with_beats_fraction'])}, synthetic {_fmt(b['synthetic']['records_with_beats_fraction'])}."
+        f" Records in a regular rhythm (every RR within {REGULAR_RR_TOLERANCE:.0%} of the record's median): real"
+        f" {_fmt(b['real']['regular_rhythm_fraction'])}, synthetic {_fmt(b['synthetic']['regular_rhythm_fraction'])}.",
         "",
         f"Lead-system consistency of the stored 12 leads (largest relative residual of Einthoven/Goldberger):"
         f" real {_fmt(e['real']['max_relation'], 4)}, synthetic {_fmt(e['synthetic']['max_relation'], 4)}.",

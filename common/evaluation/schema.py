@@ -1,9 +1,9 @@
 """The schema of evaluation.json, as a JSON Schema dict.
 
-evaluation.json (schema_version 1). Numbers are JSON numbers; `null` marks a metric that is undefined
+evaluation.json (schema_version 2). Numbers are JSON numbers; `null` marks a metric that is undefined
 for the data at hand (too few records of a class, no generator for the membership attack, ...).
 
-    schema_version   1
+    schema_version   2 (2 added beats.regular_rhythm_fraction)
     mode             "bundle" | "folders" | "real_vs_real"
     created          ISO-8601 UTC time
     quick            bool: the --quick sizes were used
@@ -26,7 +26,8 @@ for the data at hand (too few records of a class, no generator for the membershi
       features        {heart_rate_bpm, sdnn_ms, rmssd_ms, qrs_ms, pr_ms, qt_ms, qtc_ms:
                        {wasserstein, median_real, median_synthetic, defined_fraction_real,
                         defined_fraction_synthetic}}
-      beats           {real, synthetic: {plausible_beat_fraction, records_with_beats_fraction, beats_per_record}}
+      beats           {real, synthetic: {plausible_beat_fraction, records_with_beats_fraction,
+                       regular_rhythm_fraction, beats_per_record}}
       einthoven       {real, synthetic: {einthoven, goldberger_avr, goldberger_avl, goldberger_avf,
                        max_relation}}: relative residuals of the 12 leads as stored in the files
       demographics    {synthetic, real_test: {age_mae_years, sex_auroc, sex_accuracy, n_age, n_sex}}
@@ -52,7 +53,7 @@ from __future__ import annotations
 
 from typing import Any
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 SUPERCLASS_NAMES = ("NORM", "MI", "STTC", "CD", "HYP")
 FEATURE_NAMES = ("heart_rate_bpm", "sdnn_ms", "rmssd_ms", "qrs_ms", "pr_ms", "qt_ms", "qtc_ms")
 
@@ -73,7 +74,8 @@ _SCORES = _obj({
     "statements_scored": COUNT,
     "n_train": COUNT,
 })
-_BEATS = _obj({"plausible_beat_fraction": UNIT_OR_NULL, "records_with_beats_fraction": UNIT, "beats_per_record": NUM})
+_BEATS = _obj({"plausible_beat_fraction": UNIT_OR_NULL, "records_with_beats_fraction": UNIT,
+               "regular_rhythm_fraction": UNIT, "beats_per_record": NUM})
 _EINTHOVEN = _obj({k: NUM_OR_NULL for k in ("einthoven", "goldberger_avr", "goldberger_avl", "goldberger_avf", "max_relation")})
 _DEMO = _obj({"age_mae_years": NUM_OR_NULL, "sex_auroc": UNIT_OR_NULL, "sex_accuracy": UNIT_OR_NULL, "n_age": NUM, "n_sex": NUM})
 _FEATURE = _obj({

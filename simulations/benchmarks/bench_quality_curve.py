@@ -105,6 +105,8 @@ def score_generator(gen, real, floor, seed: int = 0) -> dict[str, float]:
         "hr_error_pct": 100.0 * abs(hr_syn / hr_real - 1.0),
         "median_sdnn_ms": median("synthetic", "sdnn_ms"),  # rhythm regularity: beat-to-beat spread
         "median_sdnn_real_ms": median("real", "sdnn_ms"),
+        "regular_rhythm_fraction": tables["synthetic"][1]["regular_rhythm_fraction"],
+        "regular_rhythm_fraction_real": tables["real"][1]["regular_rhythm_fraction"],
         "ilce": ilce,
         "ilce_ratio": ilce / ilce_floor,
         "sampling_records_per_s": len(real) / sampling,

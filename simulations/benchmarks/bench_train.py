@@ -3,6 +3,8 @@
     # quickstart model on CPU, every Opacus grad-sample mode:
     python -m simulations.benchmarks.bench_train --config configs/quickstart.yaml --steps 6 \
         --variants nondp,hooks,functorch,ghost
+    # the quality recipe's DP fine-tuning: only federation.trainable is trained, DP and non-DP alike
+    python -m simulations.benchmarks.bench_train --config configs/quality_cpu.yaml --steps 6 --trainable
     # GPU slice of the paper-size model (a site's records exported once to a small cache file):
     python -m simulations.benchmarks.bench_train --config configs/ptbxl_sites.yaml --export-cache site0.npz --records 1000
     python -m simulations.benchmarks.bench_train --config configs/ptbxl_sites.yaml --cache site0.npz --steps 20
@@ -84,6 +86,7 @@ def run_variant(args: argparse.Namespace) -> dict:
     device = select_device(cfg.train.device)
     torch.manual_seed(0)
     model = build_denoiser(cfg.model)
+    parameters = count_parameters(model)  # before training freezes any
     diffusion = GaussianDiffusion(cfg.diffusion)
 
     def budget():
@@ -93,12 +96,14 @@ def run_variant(args: argparse.Namespace) -> dict:
         privacy = replace(cfg.privacy, target_epsilon=1e6, noise_multiplier=1.0)
         return plan_budget("bench", privacy, cfg.train.batch_size, len(data), args.warmup + args.steps)
 
-    train_local(model, diffusion, data, cfg, args.warmup, budget=budget(), progress=False, seed=1)
+    trainable = cfg.federation.trainable if args.trainable else ()
+    train_local(model, diffusion, data, cfg, args.warmup, budget=budget(), trainable=trainable, progress=False, seed=1)
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    result = train_local(model, diffusion, data, cfg, args.steps, budget=budget(), progress=False, seed=2)
+    result = train_local(model, diffusion, data, cfg, args.steps, budget=budget(), trainable=trainable,
+                         progress=False, seed=2)
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
@@ -106,7 +111,8 @@ def run_variant(args: argparse.Namespace) -> dict:
         "variant": mode,
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "model": cfg.model.size,
-        "parameters": count_parameters(model),
+        "parameters": parameters,
+        "trained_parameters": count_parameters(model),
         "batch_size": cfg.train.batch_size,
         "steps": result.steps,
         "examples": result.examples,
@@ -129,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--records", type=int, default=0, help="use only the site's first N records")
     parser.add_argument("--cache", help="npz written by --export-cache (no PTB-XL needed)")
     parser.add_argument("--export-cache", help="write the site's records to this npz and exit")
+    parser.add_argument("--trainable", action="store_true",
+                        help="train only the config's federation.trainable prefixes (its DP fine-tuning subset)")
     parser.add_argument("--json", help="append results as JSON lines here")
     parser.add_argument("--variant", help=argparse.SUPPRESS)  # internal: run one variant in this process
     args = parser.parse_args(argv)
@@ -147,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
         command = [sys.executable, "-m", "simulations.benchmarks.bench_train", "--variant", variant, *_forward(args)]
         results.append(run_isolated(command, {"variant": variant}, args.json))
     base = next((r for r in results if r["variant"] == "nondp" and "error" not in r), None)
+    if base:
+        print(f"\n{base['model']}: {base['trained_parameters']:,} of {base['parameters']:,} parameters trained")
     print(f"\n{'variant':>10} {'samples/s':>10} {'s/step':>8} {'peak GiB':>9} {'x non-DP':>9}")
     for r in results:
         if "error" in r:
@@ -166,6 +176,8 @@ def _forward(args: argparse.Namespace) -> list[str]:
         out += ["--records", str(args.records)]
     if args.cache:
         out += ["--cache", args.cache]
+    if args.trainable:
+        out.append("--trainable")
     return out
 
 

@@ -147,6 +147,35 @@ def test_ddim_timesteps_and_sampler_arguments() -> None:
         diffusion.sample(model, labels, demographics, eta=1.5)
 
 
+def test_sampling_from_a_noised_record_starts_at_that_step_and_an_exact_denoiser_returns_it() -> None:
+    diffusion = GaussianDiffusion(DiffusionConfig(timesteps=200))
+    target = torch.randn(2, 8, 40, generator=torch.Generator().manual_seed(3))
+    calls: list[int] = []
+
+    class Oracle(nn.Module):  # the eps that makes x0_hat = target at every step
+        in_channels = 8
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.unused = nn.Parameter(torch.zeros(()))  # the sampler reads its dtype from a parameter
+
+        def forward(self, x, t, labels, demographics, keep=None):
+            calls.append(int(t[0]))
+            abar = diffusion.table("alphas_cumprod")[t].view(-1, 1, 1)
+            return ((x - abar.sqrt() * target) / (1 - abar).sqrt()).to(x.dtype)
+
+    labels, demographics = _conditioning(2)
+    out = diffusion.sample(Oracle(), labels, demographics, steps=50, eta=0.0, start=(target, 120),
+                           generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out, target, atol=1e-4, rtol=1e-4)
+    plan = diffusion.ddim_timesteps(50)
+    assert calls == [t for t in plan if t <= 120]  # from the plan's first step at or below 120, to 0
+    with pytest.raises(ValueError, match="start step must lie in"):
+        diffusion.sample(Oracle(), labels, demographics, start=(target, 200))
+    with pytest.raises(ValueError, match="start records must be"):
+        diffusion.sample(Oracle(), labels, demographics, start=(target[:1], 120))
+
+
 def test_guidance() -> None:
     diffusion = GaussianDiffusion(DiffusionConfig())
     model = _tiny().eval()

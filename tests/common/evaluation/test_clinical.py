@@ -53,6 +53,29 @@ def test_beat_plausibility_by_hand():
     assert beat_flags(beats) == [False, True, True, False]
 
 
+def test_regular_rhythm_needs_every_rr_near_the_median():
+    def beats(rr_s: list[float]) -> clinical.Beats:
+        r = np.round(np.cumsum([0.3] + rr_s) * 100).astype(np.int64)
+        empty = np.full(r.size, -1)
+        return clinical.Beats(fs=100, r=r, qrs_on=empty, qrs_off=empty, p_on=empty, t_end=empty,
+                              rr_s=np.concatenate([[np.nan], np.diff(r) / 100]))
+
+    assert clinical.regular_rhythm(beats([0.8, 0.82, 0.78, 0.85, 0.8]))  # sinus arrhythmia within 15 %
+    assert not clinical.regular_rhythm(beats([0.8, 0.8, 1.6, 0.8, 0.8]))  # a dropped beat
+    assert not clinical.regular_rhythm(beats([0.8, 0.8, 0.4, 0.4, 0.8]))  # an added beat
+    assert not clinical.regular_rhythm(beats([0.8, 0.8]))  # too few intervals to tell
+    rng = np.random.default_rng(1)
+    x8, _ = ecg_like(rng, 6)
+    x12 = derive12(x8)
+    _, summary = clinical.features_table(x12)
+    assert summary["regular_rhythm_fraction"] == 1.0
+    pause = x12.copy()
+    for rec in pause:  # a 1.5 s pause mid-record: every beat there flattened
+        rec[:, 400:550] = rec[:, 400:401]
+    _, summary = clinical.features_table(pause)
+    assert summary["regular_rhythm_fraction"] == 0.0
+
+
 def beat_flags(beats: clinical.Beats) -> list[bool]:
     return [bool(v) for v in clinical.beat_plausibility(beats)]
 
@@ -153,6 +176,7 @@ def test_delineation_of_real_records_lies_in_physiological_ranges(real_records):
     assert share_within(col["pr_ms"], 80, 300) >= 0.75  # no P wave in atrial fibrillation
     assert summary["records_with_beats_fraction"] >= 0.98
     assert summary["plausible_beat_fraction"] >= 0.75
+    assert summary["regular_rhythm_fraction"] >= 0.6  # most PTB-XL records are in sinus rhythm
 
 
 def test_stored_real_twelve_leads_are_nearly_einthoven_consistent(shared_ptbxl, real_records):
