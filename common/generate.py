@@ -41,7 +41,8 @@ def generate(
     """Sample one 12-lead ECG (float32 [12, 1000], mV) per row of labels [N,71] / demographics [N,4] + mask.
 
     `start_from=(signals8, step)`: each row's sampling begins from that record ([N, 8, 1000] mV, the model's
-    leads) diffused to `step` instead of from pure noise (GaussianDiffusion.sample's SDEdit start).
+    leads) diffused to `step` instead of from pure noise (GaussianDiffusion.sample's SDEdit start). Such
+    samples carry those records' content: no DP guarantee covers them (benchmarks on held-out records only).
     """
     labels = np.asarray(labels, dtype=np.float32)
     n = labels.shape[0]
