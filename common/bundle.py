@@ -38,6 +38,11 @@ WEIGHTS = "model.safetensors"
 PROVENANCE_KEYS = ("trained_on", "records", "patients", "steps", "weights_sha256", "config_sha256")
 
 
+def provenance_of(record: dict[str, Any]) -> dict[str, Any]:
+    """The PROVENANCE_KEYS of a public model's base.json (or a bundle's expert.json)."""
+    return {k: record[k] for k in PROVENANCE_KEYS}
+
+
 class BundleError(ValueError):
     """A bundle or checkpoint that is incomplete, tampered with or of an unknown format."""
 
@@ -212,7 +217,7 @@ def load_public_base(path: str | Path, cfg: Config) -> tuple[dict[str, torch.Ten
         if _trained_part(section, recorded) != _trained_part(section, plain[section]):
             raise BundleError(f"federation.init_from={path}: the base's {section} section differs from this config's")
     state, _, _, _ = read_checkpoint(checkpoint)
-    return state, {k: base[k] for k in PROVENANCE_KEYS}
+    return state, provenance_of(base)
 
 
 def initial_state(cfg: Config) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:

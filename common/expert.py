@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from common.bundle import PROVENANCE_KEYS, WEIGHTS, BundleError, load_weights, public_run, read_checkpoint
+from common.bundle import WEIGHTS, BundleError, load_weights, provenance_of, public_run, read_checkpoint
 from common.config import Config, from_dict, to_dict
 from common.diffusion import GaussianDiffusion
 from common.hashing import sha256_file
@@ -37,7 +37,7 @@ EXPERT_FORMAT = "fedecg-expert/1"
 class PublicExpert:
     model: nn.Module
     diffusion: GaussianDiffusion
-    provenance: dict[str, Any]  # PROVENANCE_KEYS of its base.json
+    provenance: dict[str, Any]  # provenance_of(its base.json)
     cfg: Config  # the expert's own training config (model and diffusion sections)
     weights: Path
 
@@ -92,7 +92,7 @@ def load_expert_run(path: str | Path, cfg: Config, normalizer: Normalizer) -> Pu
     state, expert_cfg, expert_normalizer, _ = read_checkpoint(checkpoint)
     if expert_normalizer.to_dict() != normalizer.to_dict():
         raise BundleError(f"diffusion.expert={path}: normalizes signals differently from this generator")
-    return _build(expert_cfg, state, {k: base[k] for k in PROVENANCE_KEYS}, checkpoint / WEIGHTS)
+    return _build(expert_cfg, state, provenance_of(base), checkpoint / WEIGHTS)
 
 
 def expert_provenance(cfg: Config, normalizer: Normalizer) -> dict[str, Any] | None:
@@ -120,7 +120,7 @@ def load_expert_files(directory: Path) -> PublicExpert:
     if sha256_file(weights) != record["weights_sha256"]:
         raise BundleError(f"{weights}: not the weights {EXPERT_JSON} describes")
     expert_cfg = from_dict({k: record[k] for k in ("model", "diffusion", "partition")}, source=str(directory / EXPERT_JSON))
-    return _build(expert_cfg, load_weights(weights), {k: record[k] for k in PROVENANCE_KEYS}, weights)
+    return _build(expert_cfg, load_weights(weights), provenance_of(record), weights)
 
 
 def sampling_denoiser(model: nn.Module, diffusion: GaussianDiffusion, expert: PublicExpert | None) -> nn.Module:

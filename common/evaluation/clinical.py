@@ -20,9 +20,9 @@ A small ECG delineator for lead II at 100 Hz (no external ECG toolbox), in the P
 Resolution is one sample (10 ms). Per record: heart rate from the median RR, SDNN and RMSSD of RR (ms),
 median QRS duration, PR and QT intervals (ms) and Bazett's QTc. A record's rhythm is regular when it has
 at least `REGULAR_MIN_RR` RR intervals and every one lies within `REGULAR_RR_TOLERANCE` of their median
-(no dropped, added or chaotic beats; sinus arrhythmia within that band passes). A beat is plausible when its preceding RR
-lies in 0.3-2.0 s, QRS in 40-200 ms, QT in 200-600 ms and, where a P wave was found, PR in 80-400 ms;
-beats missing RR, QRS or QT are implausible.
+(no dropped, added or chaotic beats; sinus arrhythmia within that band passes). A beat is plausible when
+its preceding RR lies in 0.3-2.0 s, QRS in 40-200 ms, QT in 200-600 ms and, where a P wave was found, PR
+in 80-400 ms; beats missing RR, QRS or QT are implausible.
 """
 
 from __future__ import annotations

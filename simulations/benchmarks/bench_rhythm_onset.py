@@ -8,8 +8,8 @@ generator's own sampler (its public expert included), conditioned like them. Eac
 real rhythm survives: the share of records in a regular rhythm (`common.evaluation.clinical.regular_rhythm`),
 median SDNN, plausible beats and median heart rate, next to the real records and to the generator from pure
 noise. Where the regular share falls from the real level to the generator's own, the generator decides the
-rhythm itself: the noise range a better model has to get right. Writes rhythm_onset.json and one lead-II
-ECG per row (rhythm_onset.png: the first record, real and from each start).
+rhythm itself: the noise range a better model has to get right. Writes rhythm_onset.json and
+rhythm_onset.png: the first record's 12 leads, real, from pure noise and from each start.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     gen = load_generator(args.bundle)
     last = gen.diffusion.num_timesteps - 1
-    if any(not 0 <= s <= last for s in args.start):
+    if any(not 0 <= s <= last for s in args.start):  # before any sampling, not after the pure-noise row
         parser.error(f"--start steps must lie in 0..{last}, got {args.start}")
     real, _ = _held_out(load(args.config, args.overrides), args.records)
     args.out.mkdir(parents=True, exist_ok=True)
