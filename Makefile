@@ -85,11 +85,13 @@ quality-base: setup data-check
 	$(VENV)/bin/fedecg pretrain --config configs/quality_cpu.yaml --out runs/quality-base
 
 # The public high-noise expert (shipped in models/ptbxl-site0-expert): the same public pool, trained for x0 at
-# t in [40, 200) only (v-prediction, zero terminal SNR) at three quarters of the base's width (about 15 minutes).
+# t in [40, 200) only (v-prediction, zero terminal SNR) at three quarters of the base's width, reading a beat map
+# whose beat times sampling draws from the pool's rhythm table (common/rhythm.py; about 12 minutes).
 quality-expert: setup data-check
 	$(VENV)/bin/fedecg pretrain --config configs/quality_cpu.yaml --set diffusion.expert=null \
 	  --set diffusion.prediction=v --set diffusion.zero_terminal_snr=true --set 'diffusion.train_timesteps=[40,200]' \
-	  --set model.channels=48 --set train.steps=6000 --set train.sample_every=3000 --out runs/quality-expert
+	  --set model.channels=48 --set model.rhythm=true --set train.steps=6000 --set train.sample_every=3000 \
+	  --out runs/quality-expert
 
 clean:
 	rm -rf $(VENV) .pytest_cache .cache .flwr runs $(DEMO_SITES)

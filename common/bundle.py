@@ -29,18 +29,22 @@ from common.diffusion import GaussianDiffusion
 from common.hashing import sha256_file
 from common.model.denoiser import build_denoiser
 from common.normalization import Normalizer
+from common.rhythm import RhythmTable
 from common.run_dir import CHECKPOINTS, read_latest
 
 BUNDLE_FORMAT = "fedecg-bundle/1"
 CHECKPOINT_FORMAT = "fedecg-checkpoint/1"
 WEIGHTS = "model.safetensors"
+RHYTHM_JSON = "rhythm.json"  # a rhythm-conditioned checkpoint's public rhythm table (common/rhythm.py)
 # What a certificate and a model card say of a public model (base or expert), from its base.json.
 PROVENANCE_KEYS = ("trained_on", "records", "patients", "steps", "weights_sha256", "config_sha256")
 
 
 def provenance_of(record: dict[str, Any]) -> dict[str, Any]:
-    """The PROVENANCE_KEYS of a public model's base.json (or a bundle's expert.json)."""
-    return {k: record[k] for k in PROVENANCE_KEYS}
+    """The PROVENANCE_KEYS of a public model's base.json (or a bundle's expert.json), and the hash of its
+    rhythm table where it has one."""
+    optional = {"rhythm_sha256": record["rhythm_sha256"]} if record.get("rhythm_sha256") else {}
+    return {k: record[k] for k in PROVENANCE_KEYS} | optional
 
 
 class BundleError(ValueError):
@@ -62,11 +66,17 @@ def save_checkpoint(
     cfg: Config,
     normalizer: Normalizer,
     progress: dict[str, Any],
+    rhythm: RhythmTable | None = None,
 ) -> Path:
-    """Write weights and their metadata atomically enough: weights first, JSON (the marker) last."""
+    """Write weights and their metadata atomically enough: weights first, JSON (the marker) last. A
+    rhythm-conditioned model's checkpoint carries the public rhythm table it samples with (RHYTHM_JSON)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    if cfg.model.rhythm != (rhythm is not None):
+        raise ValueError("save_checkpoint: a rhythm-conditioned model needs its rhythm table, others take none")
     save_weights(directory / WEIGHTS, state)
+    if rhythm is not None:
+        (directory / RHYTHM_JSON).write_bytes(rhythm.to_bytes())
     meta = {
         "format": CHECKPOINT_FORMAT,
         "config": to_dict(cfg),
@@ -75,6 +85,8 @@ def save_checkpoint(
         "progress": progress,
         "weights_sha256": sha256_file(directory / WEIGHTS),
     }
+    if rhythm is not None:
+        meta["rhythm_sha256"] = sha256_file(directory / RHYTHM_JSON)
     (directory / "checkpoint.json").write_text(json.dumps(meta, indent=2))
     return directory
 
@@ -105,6 +117,7 @@ class ECGGenerator:
     normalizer: Normalizer
     source: Path
     expert: Any = None  # a common.expert.PublicExpert when diffusion.expert is set: the high-noise sampling steps
+    rhythm: RhythmTable | None = None  # the rhythm table of a rhythm-conditioned model (public pretraining only)
 
     def sampling_model(self) -> nn.Module:
         """The network the sampler calls (with the expert, when there is one)."""
@@ -112,10 +125,19 @@ class ECGGenerator:
 
         return sampling_denoiser(self.model, self.diffusion, self.expert)
 
+    def rhythm_table(self) -> RhythmTable | None:
+        """Where the sampler draws beat times from: the table of whichever sampling network reads a beat map."""
+        if self.rhythm is not None:
+            return self.rhythm
+        return None if self.expert is None else self.expert.rhythm
+
 
 def build_generator(cfg: Config, state: dict[str, torch.Tensor], normalizer: Normalizer, source: Path,
-                    expert: Any = None) -> ECGGenerator:
-    """The generator of `state`; its expert is `expert`, else loaded from diffusion.expert when set."""
+                    expert: Any = None, rhythm: RhythmTable | None = None) -> ECGGenerator:
+    """The generator of `state`; its expert is `expert`, else loaded from diffusion.expert when set. A
+    rhythm-conditioned model needs its `rhythm` table."""
+    if cfg.model.rhythm != (rhythm is not None):
+        raise BundleError(f"{source}: a rhythm-conditioned model samples with its rhythm table, others take none")
     model = build_denoiser(cfg.model)
     expected = model.state_dict()
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
@@ -131,7 +153,8 @@ def build_generator(cfg: Config, state: dict[str, torch.Tensor], normalizer: Nor
         from common.expert import load_expert_run
 
         expert = load_expert_run(cfg.diffusion.expert, cfg, normalizer)
-    return ECGGenerator(cfg=cfg, model=model, diffusion=diffusion, normalizer=normalizer, source=source, expert=expert)
+    return ECGGenerator(cfg=cfg, model=model, diffusion=diffusion, normalizer=normalizer, source=source, expert=expert,
+                        rhythm=rhythm)
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
@@ -161,7 +184,23 @@ def load_generator(path: str | Path) -> ECGGenerator:
             raise BundleError(f"{path}: not a bundle, checkpoint or run directory with checkpoints")
         path = latest
     state, cfg, normalizer, _ = read_checkpoint(path)
-    return build_generator(cfg, state, normalizer, path)
+    return build_generator(cfg, state, normalizer, path, rhythm=checkpoint_rhythm(path))
+
+
+def checkpoint_rhythm_sha256(directory: Path) -> str | None:
+    """The hash of the rhythm table checkpoint.json records, or None for a model without one."""
+    return json.loads((Path(directory) / "checkpoint.json").read_text()).get("rhythm_sha256")
+
+
+def checkpoint_rhythm(directory: Path) -> RhythmTable | None:
+    """The rhythm table a checkpoint carries (checked against checkpoint.json), or None."""
+    sha256 = checkpoint_rhythm_sha256(directory)
+    if not sha256:
+        return None
+    try:
+        return RhythmTable.read(directory / RHYTHM_JSON, sha256)
+    except (OSError, ValueError) as err:
+        raise BundleError(f"{directory}: {err}") from err
 
 
 def _bundled_expert(path: Path, cfg: Config) -> Any:
@@ -248,9 +287,9 @@ def verify_bundle(path: str | Path) -> list[str]:
     for required in (WEIGHTS, "config.yaml", "normalization.json", "MODEL_CARD.md"):
         if required not in manifest["files"]:
             problems.append(f"{required}: not listed in the manifest")
-    from common.expert import EXPERT_JSON, EXPERT_WEIGHTS
+    from common.expert import EXPERT_JSON, EXPERT_RHYTHM, EXPERT_WEIGHTS
 
-    for name in (EXPERT_WEIGHTS, EXPERT_JSON):  # the loader samples with these whenever they are present
+    for name in (EXPERT_WEIGHTS, EXPERT_JSON, EXPERT_RHYTHM):  # the loader samples with these whenever present
         if (path / name).exists() and name not in manifest["files"]:
             problems.append(f"{name}: present but not listed in the manifest")
     return problems

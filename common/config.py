@@ -62,6 +62,12 @@ class ModelConfig:
     attention_levels: tuple[int, ...] | None = None  # unet: levels with self-attention (rotary positions)
     cond_dropout: float = 0.1  # probability of dropping all conditioning (classifier-free guidance)
     activation_checkpointing: bool = False
+    rhythm: bool = False  # unet: also read a beat map (common/rhythm.py); public pretraining only
+
+    def problems(self) -> list[str]:
+        if self.rhythm and self.size != "unet":
+            return [f"rhythm conditioning needs size unet, got {self.size!r}"]
+        return []
 
 
 @dataclass(frozen=True)

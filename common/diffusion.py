@@ -76,6 +76,11 @@ def _draw(kind: str, shape: tuple[int, ...], generator: torch.Generator | None, 
     return out.to(device)
 
 
+def _rhythm_kwargs(rhythm: Tensor | None) -> dict[str, Tensor]:
+    """The keyword a rhythm-conditioned model takes; nothing for the others, whose signature lacks it."""
+    return {} if rhythm is None else {"rhythm": rhythm}
+
+
 @dataclass(frozen=True)
 class _SamplingPlan:
     """A checked sampling request: the sampler, its timesteps (descending), eta and the guidance scale."""
@@ -221,8 +226,11 @@ class GaussianDiffusion:
         t: Tensor | None = None,
         noise: Tensor | None = None,
         cond_keep: Tensor | None = None,
+        rhythm: Tensor | None = None,
     ) -> dict[str, Tensor]:
         """Per-example losses {loss, eps, mel}, each [B]; loss = eps + mel_weight * mel.
+
+        `rhythm` [B, 1, L]: the examples' beat maps, for a rhythm-conditioned model (common/rhythm.py).
 
         "eps" is the (weighted) denoising MSE of the model's output against its target (eps, v or blend).
 
@@ -234,12 +242,16 @@ class GaussianDiffusion:
         batch, k = x0.shape[0], noise_multiplicity
         t, noise, cond_keep = (override_rows(value, name, batch, k, per_row, x0.device) for value, name, per_row in
                                ((t, "t", ()), (noise, "noise", tuple(x0.shape[1:])), (cond_keep, "cond_keep", ())))
+        if rhythm is not None and rhythm.shape != (batch, 1, x0.shape[-1]):
+            raise ValueError(f"training_losses: rhythm must be [B, 1, L]=[{batch}, 1, {x0.shape[-1]}], "
+                             f"got {tuple(rhythm.shape)}")
         if k > 1:  # example-major: rows i*K .. i*K+K-1 are example i
             x0, labels, demographics = (v.repeat_interleave(k, dim=0) for v in (x0, labels, demographics))
+            rhythm = None if rhythm is None else rhythm.repeat_interleave(k, dim=0)
         t, noise, cond_keep = self._draw_missing(x0, t, noise, cond_keep, cond_dropout, generator)
 
         x_t = self.q_sample(x0, t, noise)
-        output = model(x_t, t, labels, demographics, cond_keep)
+        output = model(x_t, t, labels, demographics, cond_keep, **_rhythm_kwargs(rhythm))
         if output.shape != x0.shape:
             raise ValueError(f"training_losses: the model returned {tuple(output.shape)}, expected {tuple(x0.shape)}")
         # (B*K); promotes a bf16 output to the target's float32
@@ -287,14 +299,16 @@ class GaussianDiffusion:
         labels: Tensor,
         demographics: Tensor,
         guidance_scale: float = 1.0,
+        rhythm: Tensor | None = None,
     ) -> Tensor:
-        """The guided output u + s (c - u) (eps or v); one conditional pass when s = 1, else one doubled batch."""
+        """The guided output u + s (c - u) (eps or v); one conditional pass when s = 1, else one doubled batch.
+        The beat map `rhythm`, where given, is kept in both halves: guidance amplifies labels and demographics."""
         if guidance_scale == 1.0:
-            return model(x, t, labels, demographics, None)
+            return model(x, t, labels, demographics, None, **_rhythm_kwargs(rhythm))
         batch = x.shape[0]
         keep = torch.cat([torch.ones(batch, device=x.device), torch.zeros(batch, device=x.device)]).to(x.dtype)
         doubled = [torch.cat([v, v]) for v in (x, t, labels, demographics)]
-        eps = model(*doubled, keep)
+        eps = model(*doubled, keep, **_rhythm_kwargs(None if rhythm is None else torch.cat([rhythm, rhythm])))
         eps_cond, eps_uncond = eps[:batch], eps[batch:]
         return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
 
@@ -322,6 +336,7 @@ class GaussianDiffusion:
         length: int = 1000,
         channels: int | None = None,
         start: tuple[Tensor, int] | None = None,
+        rhythm: Tensor | None = None,
     ) -> Tensor:
         """Draw x0 [B, C, length] for the conditioning rows (labels [B, 71], demographics [B, 8]).
 
@@ -329,7 +344,7 @@ class GaussianDiffusion:
         with stochasticity eta. Unset arguments come from the diffusion config. C defaults to
         model.in_channels. `start=(x0, step)` begins from x0 [B, C, L] diffused to the plan's first timestep
         at or below `step` (SDEdit: what the sampler keeps of a record from that noise level) instead of
-        from pure noise at T-1.
+        from pure noise at T-1. `rhythm` [B, 1, length]: the beat maps a rhythm-conditioned model follows.
         """
         plan = self._plan(steps, sampler, eta, guidance_scale)
         first = 0
@@ -343,6 +358,8 @@ class GaussianDiffusion:
             first = next(i for i, step in enumerate(plan.timesteps) if step <= start_step)
             length, channels = x_start.shape[-1], x_start.shape[-2]
         channels = sample_channels(model, labels, demographics, length, channels)
+        if rhythm is not None and rhythm.shape != (labels.shape[0], 1, length):
+            raise ValueError(f"sample: rhythm must be [B, 1, L]=[{labels.shape[0]}, 1, {length}], got {tuple(rhythm.shape)}")
         dtype = next(iter(model.parameters())).dtype if isinstance(model, nn.Module) else torch.float32
         was_training = isinstance(model, nn.Module) and model.training
         if isinstance(model, nn.Module):
@@ -354,7 +371,7 @@ class GaussianDiffusion:
                 x = self.q_sample(start[0].to(device=labels.device, dtype=dtype), t, x)
             for i in tqdm(range(first, len(plan.timesteps)), desc=f"{plan.sampler} sampling", disable=not progress,
                           leave=False):
-                x = self._reverse_step(model, x, plan, i, labels, demographics, generator)
+                x = self._reverse_step(model, x, plan, i, labels, demographics, generator, rhythm)
         finally:
             if was_training:
                 model.train()
@@ -383,11 +400,11 @@ class GaussianDiffusion:
         return _SamplingPlan(sampler, timesteps, eta, guidance_scale)
 
     def _reverse_step(self, model: EpsModel, x: Tensor, plan: _SamplingPlan, i: int, labels: Tensor,
-                      demographics: Tensor, generator: torch.Generator | None) -> Tensor:
+                      demographics: Tensor, generator: torch.Generator | None, rhythm: Tensor | None) -> Tensor:
         """x at the plan's i-th timestep to the next one (to x0 after the last)."""
         step = plan.timesteps[i]
         t = torch.full((x.shape[0],), step, device=x.device, dtype=torch.long)
-        output = self.model_eps(model, x, t, labels, demographics, plan.guidance_scale)
+        output = self.model_eps(model, x, t, labels, demographics, plan.guidance_scale, rhythm)
         x0_hat, eps = self.split_output(x, t, output)
         if plan.sampler == "ddpm":
             x = self.posterior_mean(x0_hat, x, t)

@@ -22,14 +22,26 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from common.bundle import WEIGHTS, BundleError, load_weights, provenance_of, public_run, read_checkpoint
+from common.bundle import (
+    RHYTHM_JSON,
+    WEIGHTS,
+    BundleError,
+    checkpoint_rhythm,
+    checkpoint_rhythm_sha256,
+    load_weights,
+    provenance_of,
+    public_run,
+    read_checkpoint,
+)
 from common.config import Config, from_dict, to_dict
 from common.diffusion import GaussianDiffusion
 from common.hashing import sha256_file
 from common.normalization import Normalizer
+from common.rhythm import RhythmTable
 
 EXPERT_WEIGHTS = "expert.safetensors"
 EXPERT_JSON = "expert.json"
+EXPERT_RHYTHM = "expert_rhythm.json"  # a rhythm-conditioned expert's public rhythm table
 EXPERT_FORMAT = "fedecg-expert/1"
 
 
@@ -40,6 +52,7 @@ class PublicExpert:
     provenance: dict[str, Any]  # provenance_of(its base.json)
     cfg: Config  # the expert's own training config (model and diffusion sections)
     weights: Path
+    rhythm: RhythmTable | None = None  # where a rhythm-conditioned expert's beat times are drawn from
 
 
 class SwitchedDenoiser(nn.Module):
@@ -54,35 +67,47 @@ class SwitchedDenoiser(nn.Module):
         self.register_buffer("high_step", (abar_low[:, None] - abar_high[None, :]).abs().argmin(dim=1), persistent=False)
         self.in_channels = low.in_channels
 
-    def forward(self, x: Tensor, t: Tensor, labels: Tensor, demographics: Tensor, cond_keep: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor, labels: Tensor, demographics: Tensor, cond_keep: Tensor | None = None,
+                rhythm: Tensor | None = None) -> Tensor:
+        """`rhythm` [B, 1, L]: beat maps, handed to whichever of the two models reads them."""
+        if rhythm is not None and not (getattr(self.low, "rhythm", False) or getattr(self.high, "rhythm", False)):
+            raise ValueError("SwitchedDenoiser: beat maps given, but neither model reads them")
         eps = torch.empty_like(x)  # (B C L): every row is written by exactly one of the two models
-        for rows, model in ((t < self.switch, self._low_eps), (t >= self.switch, self._high_eps)):
+        for rows, model in ((t < self.switch, self.low), (t >= self.switch, self.high)):
             if rows.any():
                 keep = None if cond_keep is None else cond_keep[rows]
-                eps[rows] = model(x[rows], t[rows], labels[rows], demographics[rows], keep).to(x.dtype)
+                beats = {"rhythm": rhythm[rows]} if rhythm is not None and getattr(model, "rhythm", False) else {}
+                answer = self._low_eps if model is self.low else self._high_eps
+                eps[rows] = answer(x[rows], t[rows], labels[rows], demographics[rows], keep, beats).to(x.dtype)
         return eps
 
-    def _low_eps(self, x: Tensor, t: Tensor, labels: Tensor, demographics: Tensor, keep: Tensor | None) -> Tensor:
-        return self.low(x, t, labels, demographics, keep)
+    def _low_eps(self, x: Tensor, t: Tensor, labels: Tensor, demographics: Tensor, keep: Tensor | None,
+                 beats: dict[str, Tensor]) -> Tensor:
+        return self.low(x, t, labels, demographics, keep, **beats)
 
-    def _high_eps(self, x: Tensor, t: Tensor, labels: Tensor, demographics: Tensor, keep: Tensor | None) -> Tensor:
+    def _high_eps(self, x: Tensor, t: Tensor, labels: Tensor, demographics: Tensor, keep: Tensor | None,
+                  beats: dict[str, Tensor]) -> Tensor:
         """The high model's x0 estimate at its nearest noise level, as the eps the low schedule implies."""
         t_high = self.high_step[t]
-        x0_hat, _ = self.high_diffusion.split_output(x, t_high, self.high(x, t_high, labels, demographics, keep))
+        output = self.high(x, t_high, labels, demographics, keep, **beats)
+        x0_hat, _ = self.high_diffusion.split_output(x, t_high, output)
         signal = self.low_diffusion.table("sqrt_alphas_cumprod").to(x)[t].view(-1, 1, 1)
         noise = self.low_diffusion.table("sqrt_one_minus_alphas_cumprod").to(x)[t].view(-1, 1, 1)
         return (x - signal * x0_hat) / noise
 
 
-def _build(expert_cfg: Config, state: dict[str, Tensor], provenance: dict[str, Any], weights: Path) -> PublicExpert:
+def _build(expert_cfg: Config, state: dict[str, Tensor], provenance: dict[str, Any], weights: Path,
+           rhythm: RhythmTable | None) -> PublicExpert:
     from common.model.denoiser import build_denoiser
 
     if expert_cfg.diffusion.expert:
         raise ValueError(f"{weights}: an expert must not name an expert of its own (diffusion.expert)")
+    if expert_cfg.model.rhythm != (rhythm is not None):
+        raise BundleError(f"{weights}: a rhythm-conditioned expert comes with its rhythm table, others with none")
     model = build_denoiser(expert_cfg.model)
     model.load_state_dict(state)
     model.eval()
-    return PublicExpert(model, GaussianDiffusion(expert_cfg.diffusion), provenance, expert_cfg, weights)
+    return PublicExpert(model, GaussianDiffusion(expert_cfg.diffusion), provenance, expert_cfg, weights, rhythm)
 
 
 def load_expert_run(path: str | Path, cfg: Config, normalizer: Normalizer) -> PublicExpert:
@@ -92,7 +117,9 @@ def load_expert_run(path: str | Path, cfg: Config, normalizer: Normalizer) -> Pu
     state, expert_cfg, expert_normalizer, _ = read_checkpoint(checkpoint)
     if expert_normalizer.to_dict() != normalizer.to_dict():
         raise BundleError(f"diffusion.expert={path}: normalizes signals differently from this generator")
-    return _build(expert_cfg, state, provenance_of(base), checkpoint / WEIGHTS)
+    if checkpoint_rhythm_sha256(checkpoint) != base.get("rhythm_sha256"):
+        raise BundleError(f"diffusion.expert={path}: its rhythm table is not the one base.json describes")
+    return _build(expert_cfg, state, provenance_of(base), checkpoint / WEIGHTS, checkpoint_rhythm(checkpoint))
 
 
 def expert_provenance(cfg: Config, normalizer: Normalizer) -> dict[str, Any] | None:
@@ -108,7 +135,10 @@ def expert_bundle_files(expert: PublicExpert) -> dict[str, bytes | Path]:
     plain = to_dict(expert.cfg)
     record = {"format": EXPERT_FORMAT, **expert.provenance,
               "model": plain["model"], "diffusion": plain["diffusion"], "partition": plain["partition"]}
-    return {EXPERT_WEIGHTS: expert.weights, EXPERT_JSON: json.dumps(record, indent=2).encode()}
+    files: dict[str, bytes | Path] = {EXPERT_WEIGHTS: expert.weights, EXPERT_JSON: json.dumps(record, indent=2).encode()}
+    if expert.rhythm is not None:
+        files[EXPERT_RHYTHM] = expert.weights.parent / RHYTHM_JSON  # the file its provenance hashes
+    return files
 
 
 def load_expert_files(directory: Path) -> PublicExpert:
@@ -120,7 +150,13 @@ def load_expert_files(directory: Path) -> PublicExpert:
     if sha256_file(weights) != record["weights_sha256"]:
         raise BundleError(f"{weights}: not the weights {EXPERT_JSON} describes")
     expert_cfg = from_dict({k: record[k] for k in ("model", "diffusion", "partition")}, source=str(directory / EXPERT_JSON))
-    return _build(expert_cfg, load_weights(weights), provenance_of(record), weights)
+    rhythm = None
+    if record.get("rhythm_sha256"):
+        try:
+            rhythm = RhythmTable.read(directory / EXPERT_RHYTHM, record["rhythm_sha256"])
+        except (OSError, ValueError) as err:
+            raise BundleError(f"{directory}: {err}") from err
+    return _build(expert_cfg, load_weights(weights), provenance_of(record), weights, rhythm)
 
 
 def sampling_denoiser(model: nn.Module, diffusion: GaussianDiffusion, expert: PublicExpert | None) -> nn.Module:

@@ -17,9 +17,11 @@ from common.data.demographics import demographics_from_metadata, encode_demograp
 from common.data.labels import labels_from_scp_codes
 from common.data.leads import LEAD_NAMES, derive_leads
 from common.plotting import plot_ecg_grid
+from common.rhythm import beat_maps
 from common.train import select_device
 
 SAMPLING_RATE = 100
+LENGTH = 1000  # samples per record (10 s)
 # PTB-XL stores 1 uV resolution: gain 1000 ADC units per mV in 16-bit format.
 ADC_GAIN = 1000.0
 
@@ -57,7 +59,10 @@ def generate(
             raise ValueError(f"start_from: {start_from[0].shape[0]} records for {n} conditioning rows")
         start_x = gen.normalizer.normalize(np.asarray(start_from[0], dtype=np.float64)).astype(np.float32)
     generator = torch.Generator(device=dev).manual_seed(seed)
-    out = np.empty((n, 12, 1000), dtype=np.float32)
+    table = gen.rhythm_table()
+    # Beat times from the public rhythm table, for the network that reads a beat map (common/rhythm.py).
+    maps = None if table is None else beat_maps(table.draw(labels, LENGTH, np.random.default_rng(seed)), LENGTH)
+    out = np.empty((n, 12, LENGTH), dtype=np.float32)
     batches = range(0, n, batch_size)
     for start in tqdm(batches, desc="sampling", disable=not progress or n <= batch_size, leave=False):
         stop = min(n, start + batch_size)
@@ -71,6 +76,7 @@ def generate(
             guidance_scale=guidance_scale if guidance_scale is not None else dc.guidance_scale,
             generator=generator,
             start=None if start_from is None else (torch.from_numpy(start_x[start:stop]).to(dev), start_from[1]),
+            rhythm=None if maps is None else torch.from_numpy(maps[start:stop]).to(dev),
         )
         signals8 = gen.normalizer.denormalize(x.float().cpu().numpy().astype(np.float64))
         out[start:stop] = derive_leads(signals8).astype(np.float32)

@@ -29,6 +29,7 @@ from common.losses import MelSpectrogramLoss
 from common.normalization import Normalizer
 from common.privacy import DPRandomness, SiteBudget, make_private
 from common.privacy.engine import PrivateTraining
+from common.rhythm import beat_maps, record_beats
 
 
 def select_device(name: str = "auto") -> torch.device:
@@ -41,21 +42,33 @@ def select_device(name: str = "auto") -> torch.device:
 
 @dataclass
 class TrainingData:
-    """Model-ready tensors: normalized 8-lead signals, multi-hot labels, encoded demographics."""
+    """Model-ready tensors: normalized 8-lead signals, multi-hot labels, encoded demographics and, for a
+    rhythm-conditioned model, each record's beat map (common/rhythm.py)."""
 
     signals: torch.Tensor  # [N, 8, L] normalized
     labels: torch.Tensor  # [N, 71]
     demographics: torch.Tensor  # [N, 8]
+    rhythm: torch.Tensor | None = None  # [N, 1, L]
 
     @classmethod
-    def from_dataset(cls, dataset: ECGDataset, normalizer: Normalizer) -> "TrainingData":
+    def from_dataset(cls, dataset: ECGDataset, normalizer: Normalizer, rhythm: bool = False,
+                     sampling_rate: int = 100) -> "TrainingData":
+        maps = None
+        if rhythm:
+            maps = torch.from_numpy(beat_maps(record_beats(dataset.signals, sampling_rate), dataset.signals.shape[-1]))
         return cls(
             signals=torch.from_numpy(normalizer.normalize(dataset.signals).astype(np.float32)),
             labels=torch.from_numpy(dataset.labels.astype(np.float32)),
             demographics=torch.from_numpy(
                 encode_demographics(dataset.demographics, dataset.demographics_mask).astype(np.float32)
             ),
+            rhythm=maps,
         )
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """What one batch holds, in this order: signals, labels, demographics[, rhythm]."""
+        base = (self.signals, self.labels, self.demographics)
+        return base if self.rhythm is None else (*base, self.rhythm)
 
     def __len__(self) -> int:
         return int(self.signals.shape[0])
@@ -176,14 +189,15 @@ def train_local(
     bar = tqdm(total=steps, initial=start_step, desc=description, disable=not progress, leave=False, dynamic_ncols=True)
     batches = _batches(loop.loader)
     for step in range(start_step + 1, steps + 1):
-        x0, labels, demographics = (t.to(device, non_blocking=True) for t in next(batches))
+        x0, labels, demographics, *rhythm = (t.to(device, non_blocking=True) for t in next(batches))
         meter.examples += int(x0.shape[0])
         loop.optimizer.zero_grad(set_to_none=True)
         if x0.shape[0] == 0:  # an empty Poisson batch: the noise-only step DP-SGD still owes
             _empty_step(loop, scheduler, meter)
             bar.update(1)
             continue
-        per_sample, losses = _learn(loop, diffusion, x0, labels, demographics, cfg, mel_loss, scheduler)
+        per_sample, losses = _learn(loop, diffusion, x0, labels, demographics, rhythm[0] if rhythm else None, cfg,
+                                    mel_loss, scheduler)
         _after_step(model, anchor, lr * proximal_mu, ema)
         batch = meter.add(per_sample, losses, step, description)
         bar.update(1)
@@ -204,7 +218,8 @@ def _empty_step(loop: _Loop, scheduler, meter: _Meter) -> None:
 
 
 def _learn(loop: _Loop, diffusion: GaussianDiffusion, x0: torch.Tensor, labels: torch.Tensor, demographics: torch.Tensor,
-           cfg: Config, mel_loss: MelSpectrogramLoss | None, scheduler) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+           rhythm: torch.Tensor | None, cfg: Config, mel_loss: MelSpectrogramLoss | None,
+           scheduler) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One optimizer step on a non-empty batch; its per-example losses [B] and the loss terms.
 
     With train.max_physical_batch_size the batch runs in passes of at most that many examples (virtual
@@ -218,7 +233,8 @@ def _learn(loop: _Loop, diffusion: GaussianDiffusion, x0: torch.Tensor, labels: 
     for start in range(0, size, physical):
         part = slice(start, start + physical)
         with _autocast(x0.device, cfg.train.mixed_precision):
-            losses = _losses(diffusion, loop.trained, x0[part], labels[part], demographics[part], cfg, mel_loss)
+            losses = _losses(diffusion, loop.trained, x0[part], labels[part], demographics[part],
+                             None if rhythm is None else rhythm[part], cfg, mel_loss)
         per_sample = losses["loss"].float()  # [b]: DP clips per example
         _backward(loop, per_sample, share=per_sample.shape[0] / size)
         if start + physical < size:
@@ -279,7 +295,7 @@ def _build_loop(model: nn.Module, data: TrainingData, cfg: Config, lr: float, tr
                 optimizer_state: dict | None, budget: SiteBudget | None, randomness: DPRandomness | None,
                 seed: int) -> _Loop:
     tc = cfg.train
-    dataset = TensorDataset(data.signals, data.labels, data.demographics)
+    dataset = TensorDataset(*data.tensors())
     optimizer = torch.optim.AdamW(select_trainable(model, trainable), lr=lr, weight_decay=tc.weight_decay)
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
@@ -308,7 +324,8 @@ def _advance(scheduler) -> None:
 
 
 def _losses(diffusion: GaussianDiffusion, trained: nn.Module, x0: torch.Tensor, labels: torch.Tensor,
-            demographics: torch.Tensor, cfg: Config, mel_loss: MelSpectrogramLoss | None) -> dict[str, torch.Tensor]:
+            demographics: torch.Tensor, rhythm: torch.Tensor | None, cfg: Config,
+            mel_loss: MelSpectrogramLoss | None) -> dict[str, torch.Tensor]:
     return diffusion.training_losses(
         trained,
         x0,
@@ -319,6 +336,7 @@ def _losses(diffusion: GaussianDiffusion, trained: nn.Module, x0: torch.Tensor, 
         mel_target=cfg.midt.target,
         cond_dropout=cfg.model.cond_dropout,
         noise_multiplicity=cfg.midt.noise_multiplicity,
+        rhythm=rhythm,
     )
 
 

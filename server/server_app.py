@@ -23,6 +23,7 @@ from common.bundle import initial_state, latest_checkpoint
 from common.config import Config, RunSpec
 from common.config import save as save_config
 from common.expert import expert_provenance
+from common.rhythm import require_public_pool
 from common.run_dir import default_run_dir
 from server.artifacts import RunArtifacts
 from server.rounds import ROUND_TIMEOUT_S, RoundFailed, play_round, site_name
@@ -40,6 +41,7 @@ def run_directory(spec: RunSpec, cfg: Config) -> Path:
 
 def run_server(grid: Grid, context: Context, spec: RunSpec) -> Path:
     cfg = spec.load()
+    require_public_pool(cfg.model.rhythm, "a federation")
     fc = cfg.federation
     artifacts = RunArtifacts(run_directory(spec, cfg), cfg)
     run_dir = artifacts.run_dir

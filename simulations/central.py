@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.bundle import WEIGHTS, load_weights, save_checkpoint, save_weights
+from common.bundle import RHYTHM_JSON, WEIGHTS, load_weights, save_checkpoint, save_weights
 from common.config import Config, config_hash, to_dict
 from common.config import save as save_config
 from common.data.dataset import load_dataset
@@ -44,6 +44,7 @@ from common.privacy import (
     plan_budget,
     write_certificate,
 )
+from common.rhythm import RhythmTable, require_public_pool
 from common.run_dir import latest_pointer, write_latest
 from common.scp import SCP_CODES
 from common.train import EMA, TrainingData, TrainResult, train_local
@@ -124,6 +125,8 @@ class _Plan:
 def run_central(cfg: Config, run_dir: Path, progress: bool = True, pool: str = "training", resume: bool = False) -> Path:
     """Train on `pool` into `run_dir`: metrics, checkpoints, curves and samples; a certificate under DP."""
     resumed = _check_run_dir(run_dir, resume)
+    if pool != "public":
+        require_public_pool(cfg.model.rhythm, f"central training on the {pool} pool")
     cfg, ids = _pool_ids(cfg, pool)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir)
@@ -132,7 +135,9 @@ def run_central(cfg: Config, run_dir: Path, progress: bool = True, pool: str = "
     normalizer = federated_normalizer()
     # Checked before any step: the sample grids use it, and under DP the certificate names it.
     public_expert = expert_provenance(cfg, normalizer)
-    data = TrainingData.from_dataset(dataset, normalizer)
+    data = TrainingData.from_dataset(dataset, normalizer, rhythm=cfg.model.rhythm, sampling_rate=cfg.data.sampling_rate)
+    # A function of the public pool alone (checked above): where sampling draws beat times from.
+    rhythm = RhythmTable.from_records(dataset.signals, dataset.labels, cfg.data.sampling_rate) if cfg.model.rhythm else None
     torch.manual_seed(cfg.train.seed)
     model = build_denoiser(cfg.model)
     ema = EMA(model, cfg.train.ema_decay)
@@ -146,11 +151,11 @@ def run_central(cfg: Config, run_dir: Path, progress: bool = True, pool: str = "
 
     start = time.perf_counter()
     result, rows = _train(cfg, run_dir, model, ema, data, normalizer, plan,
-                          "pretrain" if pool == "public" else "central", progress)
+                          "pretrain" if pool == "public" else "central", progress, rhythm)
     ema.copy_to(model)  # an average of DP iterates is post-processing: it costs no privacy
     directory = _write_results(cfg, run_dir, model, normalizer, result.steps, plan.budget, pool, dataset, rows,
-                               public_expert)
-    _plot_samples(cfg, model.state_dict(), normalizer, directory, run_dir / "samples.png", progress)
+                               public_expert, rhythm)
+    _plot_samples(cfg, model.state_dict(), normalizer, directory, run_dir / "samples.png", progress, rhythm)
     print(
         f"trained {result.steps} steps in {time.perf_counter() - start:.1f}s "
         f"(final loss {result.loss:.4f}, mel {result.mel_loss:.4f})\nrun directory: {run_dir}"
@@ -222,7 +227,7 @@ def _reserve_budget(cfg: Config, run_dir: Path, dataset) -> tuple[SiteBudget, in
 
 
 def _train(cfg: Config, run_dir: Path, model, ema: EMA, data: TrainingData, normalizer, plan: _Plan,
-           description: str, progress: bool) -> tuple[TrainResult, list[dict[str, float]]]:
+           description: str, progress: bool, rhythm: RhythmTable | None) -> tuple[TrainResult, list[dict[str, float]]]:
     """train_local, writing metrics.csv, the resume state and the snapshots as it goes; the result and log rows."""
     rows = _read_metrics(run_dir / "metrics.csv", up_to_step=plan.start_step) if plan.resumed else []
     elapsed = rows[-1]["seconds"] if rows else 0.0
@@ -240,7 +245,7 @@ def _train(cfg: Config, run_dir: Path, model, ema: EMA, data: TrainingData, norm
             if step < plan.steps and plan.budget is None:
                 write_resume_state(run_dir, step, model, ema, optimizer)
             if cfg.train.sample_every and step % cfg.train.sample_every == 0 and step < plan.steps:
-                _write_snapshot(run_dir, cfg, model, ema, normalizer, step, progress)
+                _write_snapshot(run_dir, cfg, model, ema, normalizer, step, progress, rhythm)
 
         result = train_local(
             model, GaussianDiffusion(cfg.diffusion), data, cfg, plan.steps,
@@ -252,7 +257,8 @@ def _train(cfg: Config, run_dir: Path, model, ema: EMA, data: TrainingData, norm
 
 
 def _write_results(cfg: Config, run_dir: Path, model, normalizer, steps: int, budget: SiteBudget | None, pool: str,
-                   dataset, rows: list[dict[str, float]], public_expert: dict | None) -> Path:
+                   dataset, rows: list[dict[str, float]], public_expert: dict | None,
+                   rhythm: RhythmTable | None) -> Path:
     """The final checkpoint (the run is then finished), its certificate or base record, and the loss curves."""
     directory = save_checkpoint(
         run_dir / "checkpoints" / "final",
@@ -260,6 +266,7 @@ def _write_results(cfg: Config, run_dir: Path, model, normalizer, steps: int, bu
         cfg,
         normalizer,
         progress={"step": steps, "kind": "central", "weights": "ema"},
+        rhythm=rhythm,
     )
     write_latest(run_dir, directory.name)
     shutil.rmtree(run_dir / RESUME, ignore_errors=True)  # finished: nothing left to resume
@@ -274,20 +281,22 @@ def _write_results(cfg: Config, run_dir: Path, model, normalizer, steps: int, bu
     return directory
 
 
-def _write_snapshot(run_dir: Path, cfg: Config, model, ema: EMA, normalizer, step: int, progress: bool) -> None:
+def _write_snapshot(run_dir: Path, cfg: Config, model, ema: EMA, normalizer, step: int, progress: bool,
+                    rhythm: RhythmTable | None) -> None:
     """The EMA weights at `step` as a checkpoint, and their sample grid: quality along the run."""
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     state.update({k: v.detach().cpu().clone() for k, v in ema.shadow.items()})
     directory = save_checkpoint(run_dir / "checkpoints" / f"step-{step:06d}", state, cfg, normalizer,
-                                progress={"step": step, "kind": "central", "weights": "ema"})
-    _plot_samples(cfg, state, normalizer, directory, run_dir / f"samples-step-{step:06d}.png", False)
+                                progress={"step": step, "kind": "central", "weights": "ema"}, rhythm=rhythm)
+    _plot_samples(cfg, state, normalizer, directory, run_dir / f"samples-step-{step:06d}.png", False, rhythm)
 
 
-def _plot_samples(cfg: Config, state: dict, normalizer, directory: Path, path: Path, progress: bool) -> None:
+def _plot_samples(cfg: Config, state: dict, normalizer, directory: Path, path: Path, progress: bool,
+                  rhythm: RhythmTable | None) -> None:
     """A grid of samples from the weights `state` (saved at `directory`), one per grid condition."""
     from common.bundle import build_generator
 
-    gen = build_generator(cfg, state, normalizer, directory)
+    gen = build_generator(cfg, state, normalizer, directory, rhythm=rhythm)
     labels, demo, mask, titles = grid_conditions(SCP_CODES, cfg.train.num_samples)
     signals = generate(gen, labels, demo, mask, seed=cfg.train.seed, progress=progress)
     plot_ecg_grid(signals, path, titles=titles)
@@ -304,6 +313,7 @@ def _write_base(run_dir: Path, cfg: Config, dataset, checkpoint: Path, steps: in
         "steps": steps,
         "weights_sha256": sha256_file(checkpoint / WEIGHTS),
         "config_sha256": config_hash(cfg),
+        **({"rhythm_sha256": sha256_file(checkpoint / RHYTHM_JSON)} if cfg.model.rhythm else {}),
         "partition": to_dict(cfg)["partition"],
         "model": to_dict(cfg)["model"],
         "diffusion": to_dict(cfg)["diffusion"],

@@ -78,6 +78,11 @@ def _data(cfg, certificate: dict | None, expert: dict | None) -> list[str]:
                       f"this model answers the rest. Pretrained centrally without DP on {expert['records']} records of "
                       f"{expert['patients']} patients ({expert['trained_on']}), {expert['steps']} steps, weights "
                       f"sha256 `{expert['weights_sha256']}`. It saw no site's record and no federated round changed it."]
+        if expert.get("rhythm_sha256"):
+            lines += ["", "Rhythm: the expert also reads a beat map. Each sample's beat times are drawn from "
+                          "expert_rhythm.json, a table of the same public records (rhythm statements, mean RR interval, "
+                          f"RR variability; sha256 `{expert['rhythm_sha256']}`), matched on the requested rhythm "
+                          "statements. Rhythms rare in that public pool are drawn from few records."]
     return lines
 
 

@@ -10,11 +10,12 @@ from typing import Any
 import torch
 import yaml
 
-from common.bundle import WEIGHTS, save_checkpoint
+from common.bundle import RHYTHM_JSON, WEIGHTS, save_checkpoint
 from common.config import Config, config_hash, to_dict
 from common.hashing import sha256_file
 from common.model.denoiser import build_denoiser
 from common.normalization import federated_normalizer
+from common.rhythm import RhythmTable
 from common.run_dir import CHECKPOINTS, write_latest
 
 
@@ -41,16 +42,19 @@ def tiny_run_config(root: Path, directory: Path, **sections: dict[str, Any]) -> 
     return path
 
 
-def write_public_run(run: Path, cfg: Config, seed: int = 0) -> Path:
-    """A `fedecg pretrain` run as it leaves its directory: a final checkpoint and base.json describing it."""
+def write_public_run(run: Path, cfg: Config, seed: int = 0, rhythm: RhythmTable | None = None) -> Path:
+    """A `fedecg pretrain` run as it leaves its directory: a final checkpoint and base.json describing it
+    (a rhythm-conditioned model's with its rhythm table)."""
     torch.manual_seed(seed)
     state = {k: v.detach() for k, v in build_denoiser(cfg.model).state_dict().items()}
-    checkpoint = save_checkpoint(run / CHECKPOINTS / "final", state, cfg, federated_normalizer(), {"step": 5})
+    checkpoint = save_checkpoint(run / CHECKPOINTS / "final", state, cfg, federated_normalizer(), {"step": 5},
+                                 rhythm=rhythm)
     write_latest(run, "final")
     plain = to_dict(cfg)
     (run / "base.json").write_text(json.dumps({
         "format": "fedecg-public-base/1", "trained_on": "PTB-XL sites [0], declared public; without DP",
         "records": 10, "patients": 9, "steps": 5, "weights_sha256": sha256_file(checkpoint / WEIGHTS),
         "config_sha256": config_hash(cfg), "partition": plain["partition"], "model": plain["model"],
+        **({"rhythm_sha256": sha256_file(checkpoint / RHYTHM_JSON)} if rhythm is not None else {}),
         "diffusion": plain["diffusion"]}))
     return run

@@ -187,7 +187,8 @@ class UNetDenoiser(nn.Module):
     """Predicts eps from (x_t [B, 8, L], t [B] int64, labels [B, 71], demographics [B, 8], cond_keep [B] or None),
     with L divisible by spec.stride; same interface and conditioning semantics as `Denoiser`."""
 
-    def __init__(self, spec: UNetSpec, in_channels: int = 8, num_labels: int = 71, demo_dim: int = 8) -> None:
+    def __init__(self, spec: UNetSpec, in_channels: int = 8, num_labels: int = 71, demo_dim: int = 8,
+                 rhythm: bool = False) -> None:
         super().__init__()
         spec.validate()
         if in_channels < 1 or num_labels < 1 or demo_dim < 1:
@@ -197,13 +198,14 @@ class UNetDenoiser(nn.Module):
             )
         self.spec = spec
         self.in_channels, self.num_labels, self.demo_dim = in_channels, num_labels, demo_dim
+        self.rhythm = rhythm  # a beat-map channel (common/rhythm.py) enters the stem with the signal
         ch, width = spec.channels, spec.embed_dim
         self.step_mlp = nn.Sequential(nn.Linear(spec.step_embed_dim, width), nn.SiLU(), nn.Linear(width, width))
         self.label_proj = nn.Linear(num_labels, width, bias=False)
         self.demo_proj = nn.Linear(demo_dim, width)
         self.null_cond = nn.Linear(1, width, bias=False)
 
-        self.stem = nn.Conv1d(in_channels, ch[0], kernel_size=spec.patch, stride=spec.patch)
+        self.stem = nn.Conv1d(in_channels + int(rhythm), ch[0], kernel_size=spec.patch, stride=spec.patch)
         self.down = nn.ModuleList(
             UNetStage(c, spec, i in spec.s4_levels, i in spec.attention_levels) for i, c in enumerate(ch)
         )
@@ -240,14 +242,21 @@ class UNetDenoiser(nn.Module):
         return F.silu(step + cond)  # (B E)
 
     def forward(
-        self, x: Tensor, t: Tensor, labels: Tensor, demographics: Tensor, cond_keep: Tensor | None = None
+        self, x: Tensor, t: Tensor, labels: Tensor, demographics: Tensor, cond_keep: Tensor | None = None,
+        rhythm: Tensor | None = None,
     ) -> Tensor:
+        """`rhythm` [B, 1, L]: the beat map, required by (and only accepted by) a rhythm-conditioned model."""
         Denoiser._check_inputs(self, x, t, labels, demographics, cond_keep)  # the same input contract
         batch, _, length = x.shape
         if length % self.spec.stride:
             raise ValueError(f"UNetDenoiser: length {length} must be divisible by {self.spec.stride}")
+        if self.rhythm != (rhythm is not None):
+            raise ValueError("UNetDenoiser: a rhythm-conditioned model needs rhythm= [B, 1, L], others take none")
+        if rhythm is not None and rhythm.shape != (batch, 1, length):
+            raise ValueError(f"UNetDenoiser: rhythm must be [B, 1, L]=[{batch}, 1, {length}], got {tuple(rhythm.shape)}")
         films = iter(self.film(self._embedding(t, labels, demographics, cond_keep)).split(self.film_widths, dim=1))
-        h = self.stem(x.to(self.stem.weight.dtype))  # (B C0 L/P)
+        stem_in = x if rhythm is None else torch.cat([x, rhythm.to(x.dtype)], dim=1)  # (B 8[+1] L)
+        h = self.stem(stem_in.to(self.stem.weight.dtype))  # (B C0 L/P)
         skips = []
         for level, stage in enumerate(self.down):
             h = stage(h, next(films))  # (B C_level L_level)
@@ -264,4 +273,5 @@ class UNetDenoiser(nn.Module):
 
 def build_unet(cfg: ModelConfig, in_channels: int = 8, num_labels: int = 71, demo_dim: int = 8) -> UNetDenoiser:
     """The U-Net denoiser for model.size=unet (UNET_PRESET with the config's overrides)."""
-    return UNetDenoiser(resolve_unet_spec(cfg), in_channels=in_channels, num_labels=num_labels, demo_dim=demo_dim)
+    return UNetDenoiser(resolve_unet_spec(cfg), in_channels=in_channels, num_labels=num_labels, demo_dim=demo_dim,
+                        rhythm=cfg.rhythm)

@@ -116,6 +116,11 @@ def build_certificate(cfg: Config, budgets: list[SiteBudget], kind: str, weights
             f"({public_expert['trained_on']}, weights sha256 {public_expert['weights_sha256'][:16]}...): it was "
             f"trained on that public data only, saw no site's record, and the release carries it unchanged."
         )
+        if public_expert.get("rhythm_sha256"):
+            statement += (
+                f" Its beat times are drawn from a rhythm table of the same public records (sha256 "
+                f"{public_expert['rhythm_sha256'][:16]}...), also carried unchanged."
+            )
     return {
         "format": CERTIFICATE_FORMAT,
         "kind": kind,
@@ -271,17 +276,21 @@ def verify_release(directory: str | Path) -> list[str]:
 
 
 def _verify_expert_weights(directory: Path, expert: dict[str, Any] | None) -> list[str]:
-    """A bundle carries exactly the public expert its certificate names (a run directory names it by path)."""
-    from common.expert import EXPERT_WEIGHTS
+    """A bundle carries exactly the public expert (weights and rhythm table) its certificate names (a run
+    directory names it by path)."""
+    from common.expert import EXPERT_RHYTHM, EXPERT_WEIGHTS
     from common.hashing import sha256_file
 
-    carried = directory / EXPERT_WEIGHTS
-    if not carried.is_file():
-        if expert and (directory / "manifest.json").is_file():
-            return [f"the certificate names a public expert but the bundle carries no {EXPERT_WEIGHTS}"]
-        return []
-    if not expert:
-        return [f"{EXPERT_WEIGHTS}: the bundle carries an expert its certificate does not name"]
-    if sha256_file(carried) != expert["weights_sha256"]:
-        return [f"{EXPERT_WEIGHTS}: not the public expert the certificate names"]
-    return []
+    problems = []
+    in_bundle = (directory / "manifest.json").is_file()
+    for name, key in ((EXPERT_WEIGHTS, "weights_sha256"), (EXPERT_RHYTHM, "rhythm_sha256")):
+        carried = directory / name
+        named = (expert or {}).get(key)
+        if not carried.is_file():
+            if named and in_bundle:
+                problems.append(f"the certificate names a public expert {key} but the bundle carries no {name}")
+        elif not named:
+            problems.append(f"{name}: the bundle carries an expert file its certificate does not name")
+        elif sha256_file(carried) != named:
+            problems.append(f"{name}: not the public expert the certificate names")
+    return problems

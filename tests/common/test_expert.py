@@ -99,3 +99,33 @@ def test_an_expert_that_does_not_fit_is_refused_with_the_reason(expert_run, tmp_
     tampered.write_bytes(tampered.read_bytes()[:-4] + b"\0\0\0\0")
     with pytest.raises(BundleError, match="not the ones base.json describes"):
         build_generator(tiny_cfg(expert=str(expert_run)), state, federated_normalizer(), Path("."))
+
+
+def test_a_rhythm_conditioned_expert_follows_beat_times_drawn_from_its_public_table(tmp_path):
+    from common.bundle import RHYTHM_JSON
+    from common.rhythm import RhythmTable
+
+    table = RhythmTable(100, (("SR",),), np.array([0.8]), np.array([0.0]))
+    expert_cfg = from_dict({**to_dict(tiny_cfg(**EXPERT_TRAINING)), "model": {"size": "unet", "channels": 8, "rhythm": True}})
+    run = write_public_run(tmp_path / "expert", expert_cfg, rhythm=table)
+    cfg = tiny_cfg(expert=str(run), expert_from=10, sampler="ddim", eta=1.0)
+    gen = build_generator(cfg, build_denoiser(cfg.model).state_dict(), federated_normalizer(), Path("."))
+    assert gen.rhythm_table() is gen.expert.rhythm and gen.expert.provenance["rhythm_sha256"]
+    maps = {"network": [], "expert": []}
+    gen.model.register_forward_hook(lambda m, args, kwargs, out: maps["network"].append(kwargs.get("rhythm")),
+                                    with_kwargs=True)
+    gen.expert.model.register_forward_hook(lambda m, args, kwargs, out: maps["expert"].append(kwargs["rhythm"]),
+                                           with_kwargs=True)
+    codes = np.zeros((3, 71), np.float32)
+    codes[:, 59] = 1.0  # SR
+    generate(gen, codes, np.zeros((3, 4), np.float32), np.zeros((3, 4), bool), seed=5, progress=False)
+    assert maps["network"] == [None, None] and len(maps["expert"]) == 2
+    beats = maps["expert"][0][:, 0].numpy()  # (3 L): 0.8 s apart from a random phase, the same at every step
+    for row in beats:
+        peaks = np.flatnonzero((row[1:-1] > row[:-2]) & (row[1:-1] >= row[2:]) & (row[1:-1] > 0.5)) + 1
+        assert np.allclose(np.diff(peaks), 80, atol=1)
+    torch.testing.assert_close(maps["expert"][0], maps["expert"][1])
+    # the table is part of what base.json describes: another one is refused
+    (run / CHECKPOINTS / "final" / RHYTHM_JSON).write_bytes(RhythmTable(100, ((),), np.array([1.0]), np.array([0.0])).to_bytes())
+    with pytest.raises(BundleError, match="sha256 differs"):
+        build_generator(cfg, build_denoiser(cfg.model).state_dict(), federated_normalizer(), Path("."))

@@ -124,3 +124,21 @@ def test_a_central_dp_run_checks_its_public_expert_before_any_step_and_certifies
     certificate = json.loads((run / "privacy.json").read_text())
     assert certificate["public_expert"]["weights_sha256"] == json.loads((expert / "base.json").read_text())["weights_sha256"]
     assert certificate["public_expert"]["answers_from_step"] == 25 and verify_release(run) == []
+
+
+def test_a_rhythm_conditioned_pretraining_writes_its_public_rhythm_table_and_private_runs_refuse_it(tiny_ptbxl, tmp_path):
+    from common.bundle import RHYTHM_JSON, load_generator
+    from common.hashing import sha256_file
+
+    path = tiny_run_config(tiny_ptbxl.root, tmp_path, model={"size": "unet", "channels": 8, "rhythm": True},
+                           train={"steps": 2, "batch_size": 4, "num_samples": 1},
+                           partition={"scheme": "site", "num_sites": 2, "public_sites": [0]})
+    run = run_central(load(path), tmp_path / "expert", progress=False, pool="public")
+    table = run / "checkpoints" / "final" / RHYTHM_JSON
+    base = json.loads((run / "base.json").read_text())
+    assert base["rhythm_sha256"] == sha256_file(table)
+    records = json.loads(table.read_text())["records"]
+    assert 0 < len(records) <= base["records"] and (run / "samples.png").is_file()
+    assert load_generator(run).rhythm_table() is not None
+    with pytest.raises(ValueError, match="only public pretraining"):
+        run_central(load(path), tmp_path / "private", progress=False)

@@ -173,3 +173,46 @@ def test_a_release_carries_the_public_expert_its_certificate_names_and_samples_w
     assert any("present but not listed" in p for p in verify_bundle(plain))
     with pytest.raises(BundleError, match="failed verification"):
         load_generator(plain)
+
+
+def test_a_rhythm_conditioned_expert_travels_with_its_rhythm_table_and_the_certificate_names_both(tmp_path):
+    import numpy as np
+
+    from common.bundle import write_bundle
+    from common.expert import EXPERT_RHYTHM, expert_provenance
+    from common.rhythm import RhythmTable
+
+    table = RhythmTable(100, (("SR",), ("AFIB",)), np.array([0.9, 0.6]), np.array([0.02, 0.2]))
+    expert_cfg = tiny_cfg(model={"size": "unet", "channels": 8, "rhythm": True},
+                          diffusion={"timesteps": 20, "prediction": "v", "zero_terminal_snr": True})
+    expert_run = write_public_run(tmp_path / "expert", expert_cfg, rhythm=table)
+    cfg = tiny_cfg(privacy=DP, train={"batch_size": 8},
+                   diffusion={"timesteps": 20, "sample_steps": 2, "expert": str(expert_run), "expert_from": 12})
+    run = write_run(tmp_path / "run", cfg, {"round": 2})
+    budgets = []
+    for site, n in {"iid-0": 120, "iid-1": 96}.items():
+        budget = plan_budget(site, cfg.privacy, cfg.train.batch_size, n, planned_steps(cfg, "federated"))
+        budget.steps = budget.planned_steps
+        budgets.append(budget)
+    provenance = expert_provenance(cfg, federated_normalizer())
+    certificate = build_certificate(cfg, budgets, "federated", sha256_file(run / CHECKPOINTS / "final" / WEIGHTS),
+                                    public_expert=provenance)
+    assert "rhythm table of the same public records" in certificate["release"]["statement"]
+    write_certificate(run / "privacy.json", certificate)
+
+    bundle = export_bundle(run, tmp_path / "bundle")
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert EXPERT_RHYTHM in manifest["files"] and verify_release(bundle) == []
+    assert f"sha256 `{provenance['rhythm_sha256']}`" in (bundle / "MODEL_CARD.md").read_text()
+    gen = load_generator(bundle)
+    assert gen.rhythm_table().keys == table.keys
+    # Another table swapped in, manifest regenerated: the certificate and expert.json still name the first.
+    swapped = tmp_path / "swapped"
+    files = {name: bundle / name for name in manifest["files"]}
+    other = tmp_path / "other.json"
+    other.write_bytes(RhythmTable(100, ((),), np.array([0.4]), np.array([0.0])).to_bytes())
+    files[EXPERT_RHYTHM] = other
+    write_bundle(swapped, files)
+    assert any(f"{EXPERT_RHYTHM}: not the public expert" in p for p in verify_release(swapped))
+    with pytest.raises(BundleError, match="sha256 differs"):
+        load_generator(swapped)
