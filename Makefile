@@ -73,7 +73,7 @@ bench: setup
 QUALITY_SITES ?= .fedecg/quality-sites
 quality: setup data-check
 	$(VENV)/bin/fedecg privacy ledger reset --dir "$(QUALITY_SITES)" --reason "make quality: simulated sites, rerun"
-	rm -rf runs/quality runs/quality-nodp runs/quality-bundle runs/quality-nodp-bundle
+	rm -rf runs/quality runs/quality-nodp runs/quality-bundle runs/quality-nodp-bundle runs/quality-eval runs/quality-nodp-eval
 	$(VENV)/bin/fedecg simulate --config configs/quality_cpu.yaml --set federation.site_state_dir="$(QUALITY_SITES)" --out runs/quality
 	$(VENV)/bin/fedecg simulate --config configs/quality_cpu.yaml --set privacy.enabled=false --out runs/quality-nodp
 	for run in quality quality-nodp; do \

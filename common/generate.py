@@ -45,6 +45,8 @@ def generate(
     `start_from=(signals8, step)`: each row's sampling begins from that record ([N, 8, 1000] mV, the model's
     leads) diffused to `step` instead of from pure noise (GaussianDiffusion.sample's SDEdit start). Such
     samples carry those records' content: no DP guarantee covers them (benchmarks on held-out records only).
+    Where a sampling network reads a beat map (a rhythm-conditioned public expert), each row's beat times are
+    drawn from the generator's public rhythm table, matched on the row's rhythm statements, with `seed`.
     """
     labels = np.asarray(labels, dtype=np.float32)
     n = labels.shape[0]

@@ -134,9 +134,11 @@ def cmd_privacy_verify(args: argparse.Namespace) -> int:
           f"(add/remove: {rel['epsilon_add_remove']:.4f})")
     expert = certificate.get("public_expert")
     if expert:
+        rhythm = f", rhythm table sha256 {expert['rhythm_sha256'][:16]}..." if expert.get("rhythm_sha256") else ""
         print(f"public expert (sampling steps t >= {expert['answers_from_step']}): {expert['trained_on']}, weights "
-              f"sha256 {expert['weights_sha256'][:16]}..., no site's record")
-    carried = " and public expert" if expert else ""
+              f"sha256 {expert['weights_sha256'][:16]}...{rhythm}, no site's record")
+    carried = (" and public expert (with its rhythm table)" if expert.get("rhythm_sha256") else " and public expert") \
+        if expert else ""
     print(f"verified: arithmetic, the plan from the config, the config, weights{carried} named by the certificate; "
           "not verifiable from the bundle: that the weights were trained as certified")
     return 0

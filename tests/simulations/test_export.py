@@ -28,6 +28,16 @@ def tiny_cfg(**sections) -> Config:
                       "federation": {"rounds": 2, "local_steps": 3, "strategy": "fedavg"}, **sections})
 
 
+def spent_budgets(cfg: Config) -> list:
+    """Two iid sites' budgets, each spent as planned."""
+    budgets = []
+    for site, n in {"iid-0": 120, "iid-1": 96}.items():
+        budget = plan_budget(site, cfg.privacy, cfg.train.batch_size, n, planned_steps(cfg, "federated"))
+        budget.steps = budget.planned_steps
+        budgets.append(budget)
+    return budgets
+
+
 def write_run(run: Path, cfg: Config, progress: dict, shift: float = 0.0) -> Path:
     """A run directory as training leaves it: its resolved config and one checkpoint named by checkpoints/latest."""
     state, _ = initial_state(cfg)
@@ -131,11 +141,7 @@ def test_a_release_carries_the_public_expert_its_certificate_names_and_samples_w
     cfg = tiny_cfg(privacy=DP, train={"batch_size": 8},
                    diffusion={"timesteps": 20, "sample_steps": 2, "expert": str(expert_run), "expert_from": 12})
     run = write_run(tmp_path / "run", cfg, {"round": 2})
-    budgets = []
-    for site, n in {"iid-0": 120, "iid-1": 96}.items():
-        budget = plan_budget(site, cfg.privacy, cfg.train.batch_size, n, planned_steps(cfg, "federated"))
-        budget.steps = budget.planned_steps
-        budgets.append(budget)
+    budgets = spent_budgets(cfg)
     weights = sha256_file(run / CHECKPOINTS / "final" / WEIGHTS)
     provenance = expert_provenance(cfg, federated_normalizer())
     certificate = build_certificate(cfg, budgets, "federated", weights, public_expert=provenance)
@@ -189,11 +195,7 @@ def test_a_rhythm_conditioned_expert_travels_with_its_rhythm_table_and_the_certi
     cfg = tiny_cfg(privacy=DP, train={"batch_size": 8},
                    diffusion={"timesteps": 20, "sample_steps": 2, "expert": str(expert_run), "expert_from": 12})
     run = write_run(tmp_path / "run", cfg, {"round": 2})
-    budgets = []
-    for site, n in {"iid-0": 120, "iid-1": 96}.items():
-        budget = plan_budget(site, cfg.privacy, cfg.train.batch_size, n, planned_steps(cfg, "federated"))
-        budget.steps = budget.planned_steps
-        budgets.append(budget)
+    budgets = spent_budgets(cfg)
     provenance = expert_provenance(cfg, federated_normalizer())
     certificate = build_certificate(cfg, budgets, "federated", sha256_file(run / CHECKPOINTS / "final" / WEIGHTS),
                                     public_expert=provenance)
