@@ -95,9 +95,14 @@ def _how_trained(cfg, progress: dict) -> str:
 
 
 def _training(cfg, progress: dict) -> list[str]:
+    fc = cfg.federation
+    federated = progress.get("kind") != "central"
+    # The sites train at federation.local_lr where it is set (fine-tuning a base), not at train.lr.
+    lr = fc.local_lr if federated and fc.local_lr is not None else cfg.train.lr
+    subset = f", training only the parameters under {', '.join(fc.trainable)}" if federated and fc.trainable else ""
     return [
         "## Training",
-        f"{_how_trained(cfg, progress)}, batch {cfg.train.batch_size}, AdamW lr {cfg.train.lr}, "
+        f"{_how_trained(cfg, progress)}, batch {cfg.train.batch_size}, AdamW lr {lr}{subset}, "
         f"T={cfg.diffusion.timesteps} ({cfg.diffusion.schedule} schedule). Config SHA256 `{config_hash(cfg)}`.",
     ]
 

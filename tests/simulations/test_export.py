@@ -218,3 +218,11 @@ def test_a_rhythm_conditioned_expert_travels_with_its_rhythm_table_and_the_certi
     assert any(f"{EXPERT_RHYTHM}: not the public expert" in p for p in verify_release(swapped))
     with pytest.raises(BundleError, match="sha256 differs"):
         load_generator(swapped)
+
+
+def test_the_model_card_gives_the_rate_and_the_subset_the_sites_trained_with(tmp_path):
+    cfg = tiny_cfg(privacy={"enabled": False}, train={"lr": 0.003},
+                   federation={"rounds": 2, "local_steps": 3, "local_lr": 0.0002, "trainable": ["label_proj", "film"]})
+    bundle = export_bundle(write_run(tmp_path / "run", cfg, {"round": 2}), tmp_path / "bundle")
+    card = (bundle / "MODEL_CARD.md").read_text()
+    assert "AdamW lr 0.0002, training only the parameters under label_proj, film" in card and "lr 0.003" not in card
