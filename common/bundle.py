@@ -195,12 +195,15 @@ def checkpoint_rhythm_sha256(directory: Path) -> str | None:
 def checkpoint_rhythm(directory: Path) -> RhythmTable | None:
     """The rhythm table a checkpoint carries (checked against checkpoint.json), or None."""
     sha256 = checkpoint_rhythm_sha256(directory)
-    if not sha256:
-        return None
+    return None if not sha256 else read_rhythm_table(directory / RHYTHM_JSON, sha256)
+
+
+def read_rhythm_table(path: Path, sha256: str) -> RhythmTable:
+    """A checkpoint's or bundle's rhythm table, refused (BundleError) unless it has exactly that hash."""
     try:
-        return RhythmTable.read(directory / RHYTHM_JSON, sha256)
+        return RhythmTable.read(path, sha256)
     except (OSError, ValueError) as err:
-        raise BundleError(f"{directory}: {err}") from err
+        raise BundleError(f"{path.parent}: {err}") from err
 
 
 def _bundled_expert(path: Path, cfg: Config) -> Any:

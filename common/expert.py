@@ -32,6 +32,7 @@ from common.bundle import (
     provenance_of,
     public_run,
     read_checkpoint,
+    read_rhythm_table,
 )
 from common.config import Config, from_dict, to_dict
 from common.diffusion import GaussianDiffusion
@@ -73,11 +74,10 @@ class SwitchedDenoiser(nn.Module):
         if rhythm is not None and not (getattr(self.low, "rhythm", False) or getattr(self.high, "rhythm", False)):
             raise ValueError("SwitchedDenoiser: beat maps given, but neither model reads them")
         eps = torch.empty_like(x)  # (B C L): every row is written by exactly one of the two models
-        for rows, model in ((t < self.switch, self.low), (t >= self.switch, self.high)):
+        for rows, model, answer in ((t < self.switch, self.low, self._low_eps), (t >= self.switch, self.high, self._high_eps)):
             if rows.any():
                 keep = None if cond_keep is None else cond_keep[rows]
                 beats = {"rhythm": rhythm[rows]} if rhythm is not None and getattr(model, "rhythm", False) else {}
-                answer = self._low_eps if model is self.low else self._high_eps
                 eps[rows] = answer(x[rows], t[rows], labels[rows], demographics[rows], keep, beats).to(x.dtype)
         return eps
 
@@ -150,12 +150,8 @@ def load_expert_files(directory: Path) -> PublicExpert:
     if sha256_file(weights) != record["weights_sha256"]:
         raise BundleError(f"{weights}: not the weights {EXPERT_JSON} describes")
     expert_cfg = from_dict({k: record[k] for k in ("model", "diffusion", "partition")}, source=str(directory / EXPERT_JSON))
-    rhythm = None
-    if record.get("rhythm_sha256"):
-        try:
-            rhythm = RhythmTable.read(directory / EXPERT_RHYTHM, record["rhythm_sha256"])
-        except (OSError, ValueError) as err:
-            raise BundleError(f"{directory}: {err}") from err
+    sha256 = record.get("rhythm_sha256")
+    rhythm = read_rhythm_table(directory / EXPERT_RHYTHM, sha256) if sha256 else None
     return _build(expert_cfg, load_weights(weights), provenance_of(record), weights, rhythm)
 
 

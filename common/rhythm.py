@@ -24,6 +24,7 @@ from typing import Sequence
 
 import numpy as np
 
+from common.evaluation.clinical import LEAD_II, PLAUSIBLE, detect_r_peaks
 from common.scp import SCP_CODES
 
 __all__ = ["RHYTHM_CODES", "RHYTHM_FORMAT", "RhythmTable", "beat_map", "beat_maps", "record_beats",
@@ -34,7 +35,7 @@ RHYTHM_FORMAT = "fedecg-rhythm/1"
 RHYTHM_CODES: tuple[str, ...] = ("SR", "AFIB", "STACH", "SARRH", "SBRAD", "PACE", "SVARR", "BIGU", "AFLT",
                                  "SVTAC", "PSVT", "TRIGU", "PVC", "PAC")
 BEAT_WIDTH = 2.0  # samples (20 ms at 100 Hz): the standard deviation of each bump
-MIN_RR_S, MAX_RR_S = 0.3, 2.0  # the clinical module's plausible RR range; drawn intervals are kept inside it
+MIN_RR_S, MAX_RR_S = PLAUSIBLE["rr_s"]  # drawn intervals stay inside the clinical module's plausible range
 _KEY_COLUMNS = [SCP_CODES.index(code) for code in RHYTHM_CODES]
 
 
@@ -63,8 +64,6 @@ def beat_maps(peaks: Sequence[np.ndarray], length: int) -> np.ndarray:
 
 def record_beats(signals8: np.ndarray, fs: int) -> list[np.ndarray]:
     """R-peak sample indices of each record's lead II (signals8 [N, 8, L] in mV, the model's leads)."""
-    from common.evaluation.clinical import LEAD_II, detect_r_peaks
-
     if signals8.ndim != 3:
         raise ValueError(f"record_beats: signals must be [N, 8, L], got {signals8.shape}")
     return [detect_r_peaks(record[LEAD_II], fs) for record in signals8]
@@ -86,10 +85,13 @@ class RhythmTable:
     rr_cv: np.ndarray  # float64 [M]
 
     @classmethod
-    def from_records(cls, signals8: np.ndarray, labels: np.ndarray, fs: int) -> RhythmTable:
-        """The table of these records (the public pool's); records with fewer than 3 beats are left out."""
+    def from_beats(cls, beats: Sequence[np.ndarray], labels: np.ndarray, fs: int) -> RhythmTable:
+        """The table of records (the public pool's) given their R peaks (`record_beats`) and labels [N, 71];
+        records with fewer than 3 beats are left out."""
+        if len(beats) != len(labels):
+            raise ValueError(f"RhythmTable: {len(beats)} beat lists for {len(labels)} label rows")
         keys, means, cvs = [], [], []
-        for key, peaks in zip(rhythm_keys(labels), record_beats(signals8, fs)):
+        for key, peaks in zip(rhythm_keys(labels), beats):
             rr = np.diff(peaks) / fs
             if rr.size < 2:
                 continue
@@ -106,14 +108,13 @@ class RhythmTable:
     def draw(self, labels: np.ndarray, length: int, rng: np.random.Generator) -> list[np.ndarray]:
         """Beat times (sample indices) for each row of labels [N, 71], `length` samples long."""
         by_key: dict[tuple[str, ...], np.ndarray] = {}
-        table_keys = self.keys
         out = []
         for key in rhythm_keys(labels):
             if key not in by_key:
-                rows = np.flatnonzero([k == key for k in table_keys])
+                rows = np.flatnonzero([k == key for k in self.keys])
                 if rows.size == 0 and key:
-                    rows = np.flatnonzero([key[0] in k for k in table_keys])
-                by_key[key] = rows if rows.size else np.arange(len(table_keys))
+                    rows = np.flatnonzero([key[0] in k for k in self.keys])
+                by_key[key] = rows if rows.size else np.arange(len(self.keys))
             row = int(rng.choice(by_key[key]))
             out.append(self._beats(self.mean_rr_s[row], self.rr_cv[row], length, rng))
         return out
@@ -152,9 +153,9 @@ class RhythmTable:
         return (json.dumps(self.to_dict(), indent=1) + "\n").encode()
 
     @classmethod
-    def read(cls, path: Path, sha256: str | None = None) -> RhythmTable:
-        """The table at `path`; with `sha256`, only if the file has exactly that hash."""
+    def read(cls, path: Path, sha256: str) -> RhythmTable:
+        """The table at `path`, only if the file has exactly the hash its model was recorded with."""
         raw = Path(path).read_bytes()
-        if sha256 is not None and hashlib.sha256(raw).hexdigest() != sha256:
+        if hashlib.sha256(raw).hexdigest() != sha256:
             raise ValueError(f"{path}: not the rhythm table its model was recorded with (sha256 differs)")
         return cls.from_dict(json.loads(raw), source=str(path))

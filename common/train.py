@@ -29,7 +29,7 @@ from common.losses import MelSpectrogramLoss
 from common.normalization import Normalizer
 from common.privacy import DPRandomness, SiteBudget, make_private
 from common.privacy.engine import PrivateTraining
-from common.rhythm import beat_maps, record_beats
+from common.rhythm import beat_maps
 
 
 def select_device(name: str = "auto") -> torch.device:
@@ -51,11 +51,10 @@ class TrainingData:
     rhythm: torch.Tensor | None = None  # [N, 1, L]
 
     @classmethod
-    def from_dataset(cls, dataset: ECGDataset, normalizer: Normalizer, rhythm: bool = False,
-                     sampling_rate: int = 100) -> "TrainingData":
-        maps = None
-        if rhythm:
-            maps = torch.from_numpy(beat_maps(record_beats(dataset.signals, sampling_rate), dataset.signals.shape[-1]))
+    def from_dataset(cls, dataset: ECGDataset, normalizer: Normalizer,
+                     beats: list[np.ndarray] | None = None) -> "TrainingData":
+        """`beats`: each record's R-peak sample indices (`record_beats`), for a rhythm-conditioned model."""
+        maps = None if beats is None else torch.from_numpy(beat_maps(beats, dataset.signals.shape[-1]))
         return cls(
             signals=torch.from_numpy(normalizer.normalize(dataset.signals).astype(np.float32)),
             labels=torch.from_numpy(dataset.labels.astype(np.float32)),

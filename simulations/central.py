@@ -44,7 +44,7 @@ from common.privacy import (
     plan_budget,
     write_certificate,
 )
-from common.rhythm import RhythmTable, require_public_pool
+from common.rhythm import RhythmTable, record_beats, require_public_pool
 from common.run_dir import latest_pointer, write_latest
 from common.scp import SCP_CODES
 from common.train import EMA, TrainingData, TrainResult, train_local
@@ -135,9 +135,11 @@ def run_central(cfg: Config, run_dir: Path, progress: bool = True, pool: str = "
     normalizer = federated_normalizer()
     # Checked before any step: the sample grids use it, and under DP the certificate names it.
     public_expert = expert_provenance(cfg, normalizer)
-    data = TrainingData.from_dataset(dataset, normalizer, rhythm=cfg.model.rhythm, sampling_rate=cfg.data.sampling_rate)
-    # A function of the public pool alone (checked above): where sampling draws beat times from.
-    rhythm = RhythmTable.from_records(dataset.signals, dataset.labels, cfg.data.sampling_rate) if cfg.model.rhythm else None
+    # R peaks once, for the beat maps and, a function of the public pool alone (checked above), the table
+    # sampling draws beat times from.
+    beats = record_beats(dataset.signals, cfg.data.sampling_rate) if cfg.model.rhythm else None
+    data = TrainingData.from_dataset(dataset, normalizer, beats)
+    rhythm = None if beats is None else RhythmTable.from_beats(beats, dataset.labels, cfg.data.sampling_rate)
     torch.manual_seed(cfg.train.seed)
     model = build_denoiser(cfg.model)
     ema = EMA(model, cfg.train.ema_decay)

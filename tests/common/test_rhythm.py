@@ -6,11 +6,18 @@ import numpy as np
 import pytest
 import torch
 
-from common.config import ConfigError, ModelConfig, from_dict
+from common.config import ConfigError, DiffusionConfig, ModelConfig, from_dict
 from common.diffusion import GaussianDiffusion
-from common.config import DiffusionConfig
 from common.model.denoiser import build_denoiser
-from common.rhythm import RHYTHM_CODES, RhythmTable, beat_map, beat_maps, require_public_pool, rhythm_keys
+from common.rhythm import (
+    RHYTHM_CODES,
+    RhythmTable,
+    beat_map,
+    beat_maps,
+    record_beats,
+    require_public_pool,
+    rhythm_keys,
+)
 from common.scp import SCP_CODES
 
 FS = 100
@@ -44,12 +51,15 @@ def test_a_beat_map_has_a_unit_bump_at_each_beat_and_nothing_between():
 
 
 def test_the_table_keeps_each_records_rate_and_regularity():
-    table = RhythmTable.from_records(spiky_records([100, 60]), np.concatenate([labels_with("SR"), labels_with("STACH")]), FS)
+    labels = np.concatenate([labels_with("SR"), labels_with("STACH")])
+    table = RhythmTable.from_beats(record_beats(spiky_records([100, 60]), FS), labels, FS)
     assert table.keys == (("SR",), ("STACH",))
     np.testing.assert_allclose(table.mean_rr_s, [1.0, 0.6], atol=0.02)
     assert (table.rr_cv < 0.02).all()
     with pytest.raises(ValueError, match="no record with at least 3"):
-        RhythmTable.from_records(np.zeros((2, 8, 1000)), np.zeros((2, 71)), FS)
+        RhythmTable.from_beats(record_beats(np.zeros((2, 8, 1000)), FS), np.zeros((2, 71)), FS)
+    with pytest.raises(ValueError, match="2 beat lists for 1 label rows"):
+        RhythmTable.from_beats(record_beats(spiky_records([100, 60]), FS), labels[:1], FS)
 
 
 def test_draws_follow_the_requested_rhythm_statements():
