@@ -117,7 +117,7 @@ class ECGGenerator:
     normalizer: Normalizer
     source: Path
     expert: Any = None  # a common.expert.PublicExpert when diffusion.expert is set: the high-noise sampling steps
-    rhythm: RhythmTable | None = None  # the rhythm table of a rhythm-conditioned model (public pretraining only)
+    rhythm: RhythmTable | None = None  # the table its rhythm-conditioned network draws beat times from (public)
 
     def sampling_model(self) -> nn.Module:
         """The network the sampler calls (with the expert, when there is one)."""

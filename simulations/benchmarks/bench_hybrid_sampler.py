@@ -56,7 +56,9 @@ def main(argv: list[str] | None = None) -> int:
                                                 args.eta or [low.cfg.diffusion.eta]):
         cfg = dataclasses.replace(low.cfg, diffusion=dataclasses.replace(low.cfg.diffusion, eta=eta, sample_steps=steps))
         model = SwitchedDenoiser(low.model, low.diffusion, high.model, high.diffusion, switch).eval()
-        samplers[f"switch at t={switch}, DDIM {steps} eta {eta:g}"] = dataclasses.replace(low, model=model, cfg=cfg)
+        # A rhythm-conditioned high checkpoint follows beat times from its own table.
+        samplers[f"switch at t={switch}, DDIM {steps} eta {eta:g}"] = dataclasses.replace(
+            low, model=model, cfg=cfg, rhythm=high.rhythm_table())
     rows = []
     for name, gen in samplers.items():
         row = {"sampler": name, **score_generator(gen, real, floor)}
